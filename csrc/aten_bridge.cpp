@@ -1,0 +1,143 @@
+// The only C++ in modelopt_c: extern "C" helpers over ATen that move tensor bytes.
+// Every body runs inside ATB_TRY so that no C++ exception ever crosses into C;
+// the C side decides what to copy, this file only does it.
+#include "aten_bridge.h"
+
+#include <ATen/ATen.h>
+#include <ATen/DLConvertor.h>
+#include <ATen/Context.h>
+
+#include <cstdio>
+#include <cstring>
+#include <exception>
+
+struct AtbTensor {
+    at::Tensor t;
+};
+
+#define ATB_TRY try {
+#define ATB_CATCH(err)                                                        \
+    }                                                                         \
+    catch (const std::exception &e) {                                         \
+        std::snprintf((err)->msg, sizeof((err)->msg), "%s", e.what());        \
+        return -1;                                                            \
+    }                                                                         \
+    catch (...) {                                                             \
+        std::snprintf((err)->msg, sizeof((err)->msg), "unknown C++ exception"); \
+        return -1;                                                            \
+    }
+
+static const struct {
+    AtbDtype ours;
+    at::ScalarType aten;
+} kDtypes[] = {
+    {ATB_BOOL, at::kBool},        {ATB_U8, at::kByte},          {ATB_I8, at::kChar},
+    {ATB_I16, at::kShort},        {ATB_I32, at::kInt},          {ATB_I64, at::kLong},
+    {ATB_U16, at::kUInt16},       {ATB_U32, at::kUInt32},       {ATB_U64, at::kUInt64},
+    {ATB_F16, at::kHalf},         {ATB_BF16, at::kBFloat16},    {ATB_F32, at::kFloat},
+    {ATB_F64, at::kDouble},       {ATB_F8_E4M3, at::kFloat8_e4m3fn},
+    {ATB_F8_E5M2, at::kFloat8_e5m2},
+};
+
+static bool to_aten(AtbDtype d, at::ScalarType *out) {
+    for (const auto &m : kDtypes) {
+        if (m.ours == d) {
+            *out = m.aten;
+            return true;
+        }
+    }
+    return false;
+}
+
+extern "C" {
+
+int atb_from_dlpack(void *dl_managed, AtbTensor **out, AtbError *err) {
+    auto *dlm = static_cast<DLManagedTensor *>(dl_managed);
+    ATB_TRY
+    *out = new AtbTensor{at::fromDLPack(dlm)};
+    return 0;
+    }
+    catch (const std::exception &e) {
+        if (dlm->deleter) dlm->deleter(dlm);
+        std::snprintf(err->msg, sizeof(err->msg), "%s", e.what());
+        return -1;
+    }
+}
+
+int atb_to_dlpack(const AtbTensor *t, void **dl_managed_out, AtbError *err) {
+    ATB_TRY
+    *dl_managed_out = at::toDLPack(t->t);
+    return 0;
+    ATB_CATCH(err)
+}
+
+int atb_from_blob(void *data, AtbDtype dtype, const int64_t *sizes, int ndim,
+                  void (*release)(void *ctx), void *ctx, AtbTensor **out, AtbError *err) {
+    ATB_TRY
+    at::ScalarType st;
+    if (!to_aten(dtype, &st)) {
+        std::snprintf(err->msg, sizeof(err->msg), "unsupported dtype code %d", (int)dtype);
+        return -1;
+    }
+    auto opts = at::TensorOptions().dtype(st).device(at::kCPU);
+    at::IntArrayRef shape(sizes, static_cast<size_t>(ndim));
+    at::Tensor t = at::from_blob(data, shape, [release, ctx](void *) { release(ctx); }, opts);
+    *out = new AtbTensor{std::move(t)};
+    return 0;
+    ATB_CATCH(err)
+}
+
+int atb_copy_into(AtbTensor *dst, const AtbTensor *src, AtbError *err) {
+    ATB_TRY
+    if (!dst->t.sizes().equals(src->t.sizes())) {
+        std::snprintf(err->msg, sizeof(err->msg), "shape mismatch: the model has %s, the checkpoint has %s",
+                      c10::str(dst->t.sizes()).c_str(), c10::str(src->t.sizes()).c_str());
+        return -1;
+    }
+    dst->t.copy_(src->t);
+    return 0;
+    ATB_CATCH(err)
+}
+
+AtbDtype atb_dtype(const AtbTensor *t) {
+    for (const auto &m : kDtypes) {
+        if (m.aten == t->t.scalar_type()) return m.ours;
+    }
+    return ATB_DTYPE_INVALID;
+}
+
+int atb_ndim(const AtbTensor *t) { return static_cast<int>(t->t.dim()); }
+int64_t atb_size(const AtbTensor *t, int dim) { return t->t.size(dim); }
+int64_t atb_nbytes(const AtbTensor *t) { return static_cast<int64_t>(t->t.nbytes()); }
+int atb_is_contiguous(const AtbTensor *t) { return t->t.is_contiguous() ? 1 : 0; }
+int atb_is_cpu(const AtbTensor *t) { return t->t.is_cpu() ? 1 : 0; }
+const void *atb_data(const AtbTensor *t) { return t->t.const_data_ptr(); }
+
+int atb_host_contiguous(const AtbTensor *t, AtbTensor **host, AtbError *err) {
+    ATB_TRY
+    if (t->t.is_cpu() && t->t.is_contiguous()) {
+        *host = new AtbTensor{t->t};
+        return 0;
+    }
+    if (t->t.is_cpu()) {
+        *host = new AtbTensor{t->t.contiguous()};
+        return 0;
+    }
+    auto pinned = at::empty(t->t.sizes(), at::TensorOptions().dtype(t->t.scalar_type()).pinned_memory(true));
+    pinned.copy_(t->t.contiguous());
+    *host = new AtbTensor{std::move(pinned)};
+    return 0;
+    ATB_CATCH(err)
+}
+
+int atb_cuda_available(void) {
+    try {
+        return at::hasCUDA() ? 1 : 0;
+    } catch (...) {
+        return 0;
+    }
+}
+
+void atb_free(AtbTensor *t) { delete t; }
+
+}  // extern "C"

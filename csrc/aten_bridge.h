@@ -1,0 +1,67 @@
+/* The C face of aten_bridge.cpp, the only code that sees ATen.  Pure C: opaque
+ * tensor handles, int status (0 ok, -1 error with a message in AtbError), and no
+ * Python.  Ownership is stated on every parameter. */
+#ifndef MODELOPT_C_ATEN_BRIDGE_H
+#define MODELOPT_C_ATEN_BRIDGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct AtbTensor AtbTensor; /* an owned at::Tensor */
+
+typedef struct {
+    char msg[512];
+} AtbError;
+
+/* Element types, by their safetensors names.  ATB_DTYPE_INVALID is never valid. */
+typedef enum {
+    ATB_DTYPE_INVALID = 0,
+    ATB_BOOL, ATB_U8, ATB_I8, ATB_I16, ATB_I32, ATB_I64, ATB_U16, ATB_U32, ATB_U64,
+    ATB_F16, ATB_BF16, ATB_F32, ATB_F64, ATB_F8_E4M3, ATB_F8_E5M2,
+    ATB_DTYPE_COUNT
+} AtbDtype;
+
+/* Wrap a DLPack DLManagedTensor* (steals it: on failure its deleter has run). */
+int atb_from_dlpack(void *dl_managed, AtbTensor **out, AtbError *err);
+
+/* A DLManagedTensor* over the same storage as `t` (new; the caller owns it and
+ * must call its deleter, or hand it to a "dltensor" capsule). `t` is borrowed. */
+int atb_to_dlpack(const AtbTensor *t, void **dl_managed_out, AtbError *err);
+
+/* A tensor over `data` (borrowed memory, e.g. an mmap) with a C-contiguous layout;
+ * `release(ctx)` runs once when ATen drops the last reference. On failure
+ * release is NOT called: the caller still owns ctx. */
+int atb_from_blob(void *data, AtbDtype dtype, const int64_t *sizes, int ndim,
+                  void (*release)(void *ctx), void *ctx, AtbTensor **out, AtbError *err);
+
+/* dst.copy_(src): same shape required (no broadcasting), dtype/device may differ.
+ * Both borrowed. */
+int atb_copy_into(AtbTensor *dst, const AtbTensor *src, AtbError *err);
+
+/* Facts about a tensor (borrowed). */
+AtbDtype atb_dtype(const AtbTensor *t);
+int atb_ndim(const AtbTensor *t);
+int64_t atb_size(const AtbTensor *t, int dim);
+int64_t atb_nbytes(const AtbTensor *t);
+int atb_is_contiguous(const AtbTensor *t);
+int atb_is_cpu(const AtbTensor *t);
+
+/* Contiguous host bytes of `t`: *host is `t` itself when it is a contiguous CPU
+ * tensor, else a new contiguous CPU copy (device tensors are copied through pinned
+ * memory). The caller frees *host with atb_free. `t` borrowed. */
+int atb_host_contiguous(const AtbTensor *t, AtbTensor **host, AtbError *err);
+const void *atb_data(const AtbTensor *t);
+
+/* Whether CUDA is usable in this process (0/1). */
+int atb_cuda_available(void);
+
+void atb_free(AtbTensor *t);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

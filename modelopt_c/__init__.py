@@ -1,0 +1,59 @@
+"""modelopt_c: a native drop-in for ``modelopt.torch.opt``.
+
+Use it where you used nvidia-modelopt's conversion API::
+
+    import modelopt_c as mto          # or: import modelopt_c.torch.opt as mto
+
+    model = mto.apply_mode(model, [("my_mode", {"ratio": 0.5})])
+    mto.save(model, "ckpt.pt")                   # crash-safe; loadable by nvidia-modelopt
+    model = mto.restore(MyModel(), "ckpt.pt")    # no pickle code, weights copied in place
+
+The state layout, the files and the error types are those of nvidia-modelopt
+(see the README); the bookkeeping and the checkpoint I/O are C.
+"""
+
+from __future__ import annotations
+
+import torch as _torch  # noqa: F401  (the native module links against libtorch)
+
+from . import _conversion
+from ._conversion import (
+    ApplyModeError,
+    ModeloptStateManager,
+    StateDecodeError,
+    apply_mode,
+    get_mode,
+    load_modelopt_state,
+    modelopt_state,
+    restore,
+    restore_from_modelopt_state,
+    save,
+)
+from ._runtime import MODELOPT_STATE_VERSION
+from .config import ModeloptBaseConfig, ModeloptField
+from .mode import ModeDescriptor, _ModeDescriptor, _ModeRegistryCls, get_mode_config
+from .model_like import ModelLikeModule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODELOPT_STATE_VERSION",
+    "ApplyModeError",
+    "ModeDescriptor",
+    "ModelLikeModule",
+    "ModeloptBaseConfig",
+    "ModeloptField",
+    "ModeloptStateManager",
+    "StateDecodeError",
+    "_ModeDescriptor",
+    "_ModeRegistryCls",
+    "__version__",
+    "apply_mode",
+    "get_mode",
+    "get_mode_config",
+    "load_modelopt_state",
+    "modelopt_state",
+    "restore",
+    "restore_from_modelopt_state",
+    "save",
+]

@@ -1,0 +1,101 @@
+"""The bridge to an installed nvidia-modelopt: its registries, ModelLikeModule and version.
+
+modelopt_c never imports nvidia-modelopt at import time (that takes seconds).  Its
+registries are searched once the user has imported them; when a state names a mode
+that no loaded registry knows and nvidia-modelopt is installed, the packages that
+register modes are imported then, on that miss only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import sys
+from functools import lru_cache
+from typing import Any
+
+__all__ = ["find_modes", "has_mode", "installed_version", "mode_names", "model_like_class_for", "registry_by_name"]
+
+# Packages of nvidia-modelopt whose import registers modes, tried on a miss.
+_MODE_PACKAGES = (
+    "modelopt.torch.quantization",
+    "modelopt.torch.sparsity",
+    "modelopt.torch.prune",
+    "modelopt.torch.nas",
+    "modelopt.torch.distill",
+    "modelopt.torch.speculative",
+    "modelopt.torch.peft",
+)
+
+
+def _registries() -> list[Any]:
+    mod = sys.modules.get("modelopt.torch.opt.mode")
+    return list(mod._ModeRegistryCls._all_registries) if mod is not None else []
+
+
+@lru_cache(maxsize=1)
+def installed_version() -> str | None:
+    """The installed nvidia-modelopt's version, read from its metadata (no import)."""
+    try:
+        return importlib.metadata.version("nvidia-modelopt")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _import_mode_packages() -> bool:
+    """Import nvidia-modelopt's mode packages; whether any new one loaded."""
+    if installed_version() is None:
+        return False
+    loaded = False
+    for name in _MODE_PACKAGES:
+        if name in sys.modules or importlib.util.find_spec(name.rsplit(".", 1)[0]) is None:
+            continue
+        try:
+            importlib.import_module(name)
+            loaded = True
+        except Exception:  # a broken optional plugin must not hide the real KeyError
+            continue
+    return loaded
+
+
+def _lookup(name: str) -> list[Any]:
+    return [r._name2descriptor[name] for r in _registries() if name in r._name2descriptor]
+
+
+def find_modes(name: str) -> list[Any]:
+    """Descriptors registered as ``name`` in nvidia-modelopt (importing its modes on a miss)."""
+    found = _lookup(name)
+    if not found and _import_mode_packages():
+        found = _lookup(name)
+    return found
+
+
+def has_mode(name: str) -> bool:
+    """Whether a loaded nvidia-modelopt registry has ``name`` (never imports)."""
+    return bool(_lookup(name))
+
+
+def mode_names() -> list[str]:
+    """Names of the modes in loaded nvidia-modelopt registries."""
+    return sorted({n for r in _registries() for n in r._name2descriptor})
+
+
+def registry_by_name(registry_name: str) -> Any | None:
+    """The loaded nvidia-modelopt registry called ``registry_name``, if any."""
+    for registry in _registries():
+        if registry._registry_name == registry_name:
+            return registry
+    return None
+
+
+def model_like_class_for(descriptor: Any) -> type | None:
+    """nvidia-modelopt's ModelLikeModule when ``descriptor`` is one of its modes.
+
+    Such a mode checks ``isinstance(model, <its ModelLikeModule>)``, so the holder
+    handed to it must be of that class.
+    """
+    if not type(descriptor).__module__.startswith("modelopt."):
+        return None
+    conversion = sys.modules.get("modelopt.torch.opt.conversion")
+    return getattr(conversion, "ModelLikeModule", None)

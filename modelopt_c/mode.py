@@ -1,0 +1,262 @@
+"""The mode API: ``ModeDescriptor``, the registries and ``get_mode_config``.
+
+Modes stay Python: they are what users subclass.  The native core looks them up
+through ``_ModeRegistryCls.get_from_any`` (see ``_runtime``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch.nn as nn
+
+from .config import ModeloptBaseConfig
+
+__all__ = ["ModeDescriptor", "_ModeDescriptor", "_ModeRegistryCls", "get_mode_config"]
+
+MetadataDict = dict[str, Any]
+ConfigDict = dict[str, Any]
+ModeConfigList = list[tuple[str, ConfigDict]]
+ConvertEntrypoint = Callable[..., tuple[nn.Module, MetadataDict]]
+RestoreEntrypoint = Callable[[nn.Module, ModeloptBaseConfig, MetadataDict], nn.Module]
+UpdateEntrypoint = Callable[[nn.Module, ModeloptBaseConfig, MetadataDict], None]
+
+
+def _no_update(model: nn.Module, config: ModeloptBaseConfig, metadata: MetadataDict) -> None:
+    return None
+
+
+class ModeDescriptor(ABC):
+    """Describes one mode: its name, config class and entry points.
+
+    Subclasses give ``name``, ``config_class``, ``convert`` and ``restore`` as
+    properties.  ``convert(model, config, **mode_kwargs)`` returns
+    ``(model, metadata)``; ``restore(model, config, metadata)`` returns the model.
+    The optional properties below shape which modes may follow which.
+    """
+
+    def __str__(self) -> str:
+        return str(self.name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: '{self.name}'>"
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The mode's name, as recorded in the modelopt state."""
+
+    @property
+    @abstractmethod
+    def config_class(self) -> type[ModeloptBaseConfig]:
+        """The config class that validates this mode's config."""
+
+    @property
+    @abstractmethod
+    def convert(self) -> ConvertEntrypoint:
+        """``convert(model, config, **mode_kwargs) -> (model, metadata)``."""
+
+    @property
+    @abstractmethod
+    def restore(self) -> RestoreEntrypoint:
+        """``restore(model, config, metadata) -> model``: replay the conversion."""
+
+    @property
+    def next_modes(self) -> set[str] | None:
+        """Modes that must come right after this one (``None``: no restriction)."""
+        return None
+
+    @property
+    def next_prohibited_modes(self) -> set[str] | None:
+        """Modes that may not come right after this one (``None``: no restriction)."""
+        return None
+
+    @property
+    def export_mode(self) -> str | None:
+        """The export mode that must eventually follow this mode, if any."""
+        return None
+
+    @property
+    def is_export_mode(self) -> bool:
+        """Whether this mode is an export mode."""
+        return False
+
+    @property
+    def search_algorithm(self) -> type:
+        """The search algorithm of this mode; most modes have none."""
+        raise RuntimeError("Search is not supported for this mode.")
+
+    @property
+    def update_for_save(self) -> UpdateEntrypoint:
+        """``(model, config, metadata) -> None``, run before saving; edits in place."""
+        return _no_update
+
+    @property
+    def update_for_new_mode(self) -> UpdateEntrypoint:
+        """``(model, config, metadata) -> None``, run before a new mode; edits in place."""
+        return _no_update
+
+    @property
+    def require_model_like(self) -> bool:
+        """Whether ``convert``/``restore`` want the ``ModelLikeModule`` recipe, not a model."""
+        return False
+
+    @property
+    def save_mode_in_state(self) -> bool:
+        """Whether this mode is recorded in saved state (else re-applied by hand)."""
+        return True
+
+    def assert_compatibility_as_next_mode_of(self, other_mode: ModeDescriptor | str) -> None:
+        """Raise ``AssertionError`` when this mode may not directly follow ``other_mode``."""
+        if isinstance(other_mode, str):
+            other_mode = _ModeRegistryCls.get_from_any(other_mode)
+        allowed = other_mode.next_modes
+        if allowed is not None:
+            assert str(self) in allowed, (
+                f"Cannot add {self} after {other_mode}! Next modes of {other_mode} are {allowed}."
+            )
+        prohibited = other_mode.next_prohibited_modes
+        if prohibited is not None:
+            assert str(self) not in prohibited, (
+                f"Cannot add {self} after {other_mode}! {other_mode} does not allow {self} to be its next mode."
+            )
+
+
+_ModeDescriptor = ModeDescriptor
+ModeType = ModeDescriptor | str
+T = TypeVar("T", bound=ModeDescriptor)
+
+
+class _ModeRegistryCls:
+    """A named registry of mode descriptors; every registry joins a class-wide list."""
+
+    _all_registries: ClassVar[list[_ModeRegistryCls]] = []
+
+    def __init__(self, registry_name: str) -> None:
+        self._registry_name = registry_name
+        self._name2descriptor: dict[str, ModeDescriptor] = {}
+        self._all_registries.append(self)
+
+    def __repr__(self) -> str:
+        return f"<_ModeRegistryCls {self._registry_name!r}: {sorted(self._name2descriptor)}>"
+
+    def register_mode(self, cls_descriptor: type[T]) -> type[T]:
+        """Class decorator: instantiate the descriptor and register it under its name.
+
+        A descriptor already registered elsewhere under the same name is reused, so
+        one mode is one instance across registries.
+        """
+        descriptor = cls_descriptor()
+        name = descriptor.name
+        if self.contained_in_any(name):
+            descriptor = self.get_from_any(name)
+        if name in self._name2descriptor:
+            raise ValueError(f"Mode {name} already registered: {self._name2descriptor}")
+        self._name2descriptor[name] = descriptor
+        return cls_descriptor
+
+    def remove_mode(self, mode: ModeType) -> None:
+        """Remove a mode from this registry (``KeyError`` if absent)."""
+        del self._name2descriptor[str(mode)]
+
+    def get(self, mode: ModeType) -> ModeDescriptor | None:
+        """The descriptor registered as ``mode``, or ``None``."""
+        return self._name2descriptor.get(str(mode))
+
+    def __getitem__(self, mode: ModeType) -> ModeDescriptor:
+        try:
+            return self._name2descriptor[str(mode)]
+        except KeyError:
+            raise KeyError(
+                f"Mode {mode} not found in registry {self._registry_name!r}; "
+                f"it holds {sorted(self._name2descriptor)}."
+            ) from None
+
+    def __contains__(self, mode: object) -> bool:
+        return str(mode) in self._name2descriptor
+
+    def __del__(self) -> None:
+        try:
+            self._all_registries.remove(self)
+        except ValueError:
+            pass
+
+    @classmethod
+    def contained_in_any(cls, mode: ModeType) -> bool:
+        """Whether any registry (ours, or nvidia-modelopt's once imported) has ``mode``."""
+        from . import interop
+
+        name = str(mode)
+        return any(name in r._name2descriptor for r in cls._all_registries) or interop.has_mode(name)
+
+    @classmethod
+    def get_from_any(cls, mode: ModeType) -> ModeDescriptor:
+        """The one descriptor registered as ``mode`` anywhere.
+
+        Raises ``KeyError`` naming the mode and the registered ones when absent, and
+        ``AssertionError`` when registries hold different instances under the name.
+        """
+        from . import interop
+
+        name = str(mode)
+        found = [r._name2descriptor[name] for r in cls._all_registries if name in r._name2descriptor]
+        if not found:
+            found = interop.find_modes(name)
+        if not found:
+            known = sorted({n for r in cls._all_registries for n in r._name2descriptor} | set(interop.mode_names()))
+            raise KeyError(
+                f"Mode {mode} not found in any registry. Registered modes: {known}. "
+                "Import the package that defines the mode before applying or restoring it."
+            )
+        assert all(found[0] == d for d in found), f"Mode {mode} is ambiguous."
+        return found[0]
+
+    @classmethod
+    def get_registry_by_name(cls, registry_name: str) -> _ModeRegistryCls:
+        """The registry called ``registry_name`` (``KeyError`` if none)."""
+        from . import interop
+
+        for registry in cls._all_registries:
+            if registry._registry_name == registry_name:
+                return registry
+        foreign = interop.registry_by_name(registry_name)
+        if foreign is not None:
+            return foreign
+        raise KeyError(f"Registry {registry_name} not found.")
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], (str, ModeDescriptor))
+
+
+def get_mode_config(mode_like: Any) -> ModeConfigList:
+    """Standardise a mode-like value to ``[(mode, config_dict), ...]``.
+
+    Accepts a name, a descriptor, a ``(mode, config)`` pair or a list (or tuple) of
+    these; a missing or ``None`` config becomes ``{}``.
+    """
+    if isinstance(mode_like, list):
+        items = mode_like
+    elif _is_pair(mode_like):
+        items = [mode_like]
+    elif isinstance(mode_like, tuple):
+        items = list(mode_like)
+    else:
+        items = [mode_like]
+    result: ModeConfigList = []
+    for m in items:
+        if isinstance(m, (str, ModeDescriptor)):
+            result.append((m, {}))
+        elif isinstance(m, (tuple, list)) and len(m) in (1, 2):
+            result.append((m[0], (m[1] if len(m) == 2 else None) or {}))
+        else:
+            raise TypeError(
+                f"Cannot read mode {m!r}: expected a mode name, a ModeDescriptor or a "
+                "(mode, config) pair."
+            )
+    return result
