@@ -109,6 +109,7 @@ conversion_exec(PyObject *module)
 
     if (PyModule_AddFunctions(module, codec_methods) < 0 ||
         PyModule_AddFunctions(module, checkpoint_methods) < 0 ||
+        PyModule_AddFunctions(module, st_format_methods) < 0 ||
         codec_state_init(module, &st->codec) < 0 ||
         checkpoint_state_init(module, &st->ckpt) < 0) {
         return -1;

@@ -6,6 +6,7 @@
 #include "compat.h"
 #include "state_codec.h"
 #include "checkpoint.h"
+#include "st_format.h"
 
 typedef struct {
     PyTypeObject *StateManagerType;
