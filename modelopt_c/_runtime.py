@@ -126,3 +126,150 @@ def torch_load(f: Any, kwargs: dict[str, Any]) -> Any:
     if isinstance(f, (str, os.PathLike)):
         kwargs.setdefault("mmap", True)
     return torch.load(f, **kwargs)
+
+
+# ---- checkpoints -----------------------------------------------------------------
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class CheckpointError(ValueError, RuntimeError):
+    """A file that is not a readable checkpoint (not one, truncated, or corrupted).
+
+    A ``ValueError`` (bad input) and, for code written against nvidia-modelopt
+    (where ``torch.load`` raises ``RuntimeError``), a ``RuntimeError`` too.
+    """
+
+
+def checkpoint_format(f: Any, format: str | None) -> str:
+    """"torch" or "safetensors": the explicit ``format``, else by the path's suffix."""
+    if format is None:
+        if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".safetensors"):
+            return "safetensors"
+        return "torch"
+    if format not in ("torch", "safetensors"):
+        raise ValueError(f"Unknown checkpoint format {format!r}: use 'torch' or 'safetensors'.")
+    return format
+
+
+def save_safetensors(f: Any, state_dict: dict, modelopt_state: dict, kwargs: dict) -> None:
+    """Write the safetensors-compatible format (paths only: it is staged and renamed)."""
+    if not isinstance(f, (str, os.PathLike)):
+        raise TypeError("format='safetensors' needs a file path (it is written crash-safely through a temp file).")
+    if kwargs:
+        raise TypeError(f"save(format='safetensors') takes no torch.save options; got {sorted(kwargs)}.")
+    from . import st_format
+
+    st_format.save_file(f, state_dict, modelopt_state)
+
+
+def _first_bytes(f: Any, n: int = 16) -> bytes:
+    if isinstance(f, (str, os.PathLike)):
+        with open(f, "rb") as fh:
+            return fh.read(n)
+    if hasattr(f, "peek"):
+        return bytes(f.peek(n)[:n])
+    if hasattr(f, "seek") and hasattr(f, "tell"):
+        pos = f.tell()
+        head = f.read(n)
+        f.seek(pos)
+        return head
+    return b""
+
+
+def _torch_load_checked(f: Any, kwargs: dict[str, Any]) -> Any:
+    """``torch_load`` with its failures turned into errors that name the file."""
+    import pickle
+
+    name = describe_file(f)
+    try:
+        return torch_load(f, kwargs)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+            reason = str(exc).split("\n")[0]
+            raise pickle.UnpicklingError(
+                f"{name}: refused to load: unpickling this checkpoint would run code or build objects that "
+                f"are not on torch's safe list ({reason}). modelopt_c never runs code from a file on its own; "
+                "if you trust this file, pass weights_only=False explicitly."
+            ) from exc
+        raise CheckpointError(f"{name} is not a readable checkpoint (corrupted pickle data: {exc}).") from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
+            raise
+        raise CheckpointError(
+            f"{name} is not a readable torch checkpoint (truncated or corrupted?): {exc}"
+        ) from exc
+
+
+def load_checkpoint(f: Any, kwargs: dict[str, Any]) -> tuple[dict, dict]:
+    """(modelopt_state, model_state_dict) from a checkpoint of either format."""
+    name = describe_file(f)
+    head = _first_bytes(f)
+    if not head.startswith(_ZIP_MAGIC):
+        from . import st_format
+
+        if st_format.is_safetensors_file(head):
+            if not isinstance(f, (str, os.PathLike)):
+                raise TypeError(f"{name}: restoring the safetensors-compatible format needs a file path.")
+            state, weights = st_format.load_file(f)
+            return state, weights
+        if len(head) == 0:
+            raise CheckpointError(f"{name} is empty: not a checkpoint.")
+    objs = _torch_load_checked(f, kwargs)
+    if not isinstance(objs, dict) or "modelopt_state" not in objs or "model_state_dict" not in objs:
+        what = sorted(map(str, objs))[:5] if isinstance(objs, dict) else type(objs).__name__
+        raise CheckpointError(
+            f"{name} is not a modelopt checkpoint: expected a dict with 'modelopt_state' and "
+            f"'model_state_dict' (written by save()), found {what}."
+        )
+    return objs["modelopt_state"], objs["model_state_dict"]
+
+
+def load_modelopt_state_file(path: Any, kwargs: dict[str, Any]) -> dict:
+    """load_modelopt_state: a safe load, then the layout checks."""
+    kwargs = dict(kwargs)
+    kwargs.setdefault("map_location", "cpu")
+    state = _torch_load_checked(path, kwargs)
+    validate_modelopt_state(state)
+    return state
+
+
+def _has_own_loading(module: nn.Module) -> bool:
+    cls = type(module)
+    return (
+        cls._load_from_state_dict is not nn.Module._load_from_state_dict
+        or cls._save_to_state_dict is not nn.Module._save_to_state_dict
+        or cls.get_extra_state is not nn.Module.get_extra_state
+        or bool(module._load_state_dict_pre_hooks)
+        or bool(module._load_state_dict_post_hooks)
+    )
+
+
+def plain_load_targets(model: nn.Module) -> dict | None:
+    """The model's live tensors by state-dict key, or None when some module loads itself."""
+    if any(_has_own_loading(m) for m in model.modules()):
+        return None
+    return model.state_dict(keep_vars=True)
+
+
+def load_state_dict_torch(model: nn.Module, state_dict: dict, source: Any) -> None:
+    """torch's own loader, for modules with custom loading (in place; assign for meta)."""
+    on_meta = any(t.is_meta for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor))
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=on_meta)
+    except RuntimeError as exc:
+        exc.add_note(f"checkpoint {describe_file(source)}")
+        raise
+
+
+def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the model's parameter or buffer ``key`` (for meta-device models)."""
+    prefix, _, name = key.rpartition(".")
+    owner = model.get_submodule(prefix) if prefix else model
+    if name in owner._parameters:
+        old = owner._parameters[name]
+        owner._parameters[name] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else True)
+    else:
+        owner._buffers[name] = tensor
