@@ -239,16 +239,15 @@ conversion_apply_mode(PyObject *module, PyObject *args, PyObject *kwargs)
     if (sm_update_last(st, sm, model, st->s_update_for_new_mode) < 0) {
         goto error;
     }
-    if ((model = prepare_model_for(st, model, PyList_GET_ITEM(descriptors, 0))) == NULL) {
-        goto error;
-    }
     if ((empty = PyTuple_New(0)) == NULL) {
         goto error;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *d = PyList_GET_ITEM(descriptors, i), *metadata;
         PyObject *mode_config = PyList_GET_ITEM(configs, i);
-        if (sm_check_mode(st, sm, d) < 0 || (convert = PyObject_GetAttr(d, st->s_convert)) == NULL) {
+        /* each mode gets what it declares: the recipe holder, or the built model */
+        if ((model = prepare_model_for(st, model, d)) == NULL || sm_check_mode(st, sm, d) < 0 ||
+            (convert = PyObject_GetAttr(d, st->s_convert)) == NULL) {
             goto error;
         }
         PyObject *call_args = PyTuple_Pack(2, model, mode_config);
@@ -474,18 +473,11 @@ restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state)
         goto error;
     }
     PyObject *item;
-    int first = 1;
     while ((item = PyIter_Next(modes)) != NULL) {
         PyObject *descriptor = PyTuple_GET_ITEM(item, 0);
-        if (first) {
-            Py_INCREF(descriptor);
-            model = prepare_model_for(st, model, descriptor);
-            Py_DECREF(descriptor);
-            first = 0;
-            if (model == NULL) {
-                Py_DECREF(item);
-                goto error;
-            }
+        if ((model = prepare_model_for(st, model, descriptor)) == NULL) {
+            Py_DECREF(item);
+            goto error;
         }
         if ((restore_fn = PyObject_GetAttr(descriptor, st->s_restore)) == NULL) {
             Py_DECREF(item);
