@@ -177,6 +177,13 @@ def _first_bytes(f: Any, n: int = 16) -> bytes:
     return b""
 
 
+def looks_like_safetensors(head: bytes) -> bool:
+    """Whether a file's first bytes start a safetensors file: a u64 header length, then '{'."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") < (1 << 40)
+
+
 def _torch_load_checked(f: Any, kwargs: dict[str, Any]) -> Any:
     """``torch_load`` with its failures turned into errors that name the file."""
     import pickle
@@ -187,12 +194,15 @@ def _torch_load_checked(f: Any, kwargs: dict[str, Any]) -> Any:
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
-            reason = str(exc).split("\n")[0]
+        text = str(exc)
+        if "Weights only load failed" in text:
+            # torch's own reason sits on the line after "WeightsUnpickler error:"
+            lines = [ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[-1].splitlines() if ln.strip()]
+            reason = lines[0] if lines else "not on torch's safe list"
             raise pickle.UnpicklingError(
-                f"{name}: refused to load: unpickling this checkpoint would run code or build objects that "
-                f"are not on torch's safe list ({reason}). modelopt_c never runs code from a file on its own; "
-                "if you trust this file, pass weights_only=False explicitly."
+                f"{name}: refused to load with weights_only=True: {reason}. Loading it would need full "
+                "pickle, which can run code stored in the file; modelopt_c never does that on its own. "
+                "If you trust this file, pass weights_only=False explicitly."
             ) from exc
         raise CheckpointError(f"{name} is not a readable checkpoint (corrupted pickle data: {exc}).") from exc
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
@@ -208,9 +218,9 @@ def load_checkpoint(f: Any, kwargs: dict[str, Any]) -> tuple[dict, dict]:
     name = describe_file(f)
     head = _first_bytes(f)
     if not head.startswith(_ZIP_MAGIC):
-        from . import st_format
+        if looks_like_safetensors(head):
+            from . import st_format
 
-        if st_format.is_safetensors_file(head):
             if not isinstance(f, (str, os.PathLike)):
                 raise TypeError(f"{name}: restoring the safetensors-compatible format needs a file path.")
             state, weights = st_format.load_file(f)
