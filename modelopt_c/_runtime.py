@@ -5,6 +5,7 @@ core should not hard-code (it depends on Python-level classes users can extend).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -57,20 +58,21 @@ def prepare_model_for(model: nn.Module, descriptor: ModeDescriptor) -> nn.Module
     return model
 
 
-def _wrappers() -> dict[type, str]:
-    wrappers: dict[type, str] = {nn.DataParallel: "module", nn.parallel.DistributedDataParallel: "module"}
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        wrappers[FullyShardedDataParallel] = "module"
-    except Exception:  # torch built without distributed
-        pass
-    return wrappers
+def _wrapper_attr(model: nn.Module) -> str | None:
+    """The attribute holding the wrapped model, when ``model`` is a supported wrapper."""
+    cls = type(model)
+    if cls is nn.DataParallel or cls is nn.parallel.DistributedDataParallel:
+        return "module"
+    # a model wrapped by FSDP means FSDP is imported already: never import it here (~1 s)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and cls is getattr(fsdp, "FullyShardedDataParallel", None):
+        return "module"
+    return None
 
 
 def unwrap(model: nn.Module, how: str) -> nn.Module:
     """Strip a DataParallel/DDP/FSDP wrapper: ``how`` is "force", "warn" or "raise"."""
-    attr = _wrappers().get(type(model))
+    attr = _wrapper_attr(model)
     if attr is None:
         return model
     if how == "raise":
