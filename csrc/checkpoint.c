@@ -89,7 +89,7 @@ save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObje
 {
     PyObject *encoded = NULL, *tmp_obj = NULL, *args = NULL, *res = NULL, *result = NULL;
     char *dir = NULL, *base = NULL, tmp[PATH_MAX];
-    int created = 0, r;
+    int created = 0, r, fd = -1;
 
     if (!PyUnicode_FSConverter(path_obj, &encoded)) {
         return NULL;
@@ -107,26 +107,22 @@ save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObje
         goto error;
     }
     Py_BEGIN_ALLOW_THREADS
-    r = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (r >= 0) {
-        close(r);
-    }
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
     Py_END_ALLOW_THREADS
-    if (r < 0) {
+    if (fd < 0) {
         /* name the target, not our temp name: that is the path the user knows */
-        int saved = errno;
-        struct stat sb;
-        errno = stat(dir, &sb) == 0 ? saved : errno;
         PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
         goto error;
     }
     created = 1;
-    if ((tmp_obj = PyUnicode_DecodeFSDefault(tmp)) == NULL || (args = PyTuple_Pack(2, obj, tmp_obj)) == NULL ||
-        (res = PyObject_Call(cs->torch_save, args, kwargs)) == NULL) {
+    if ((tmp_obj = PyUnicode_DecodeFSDefault(tmp)) == NULL || (args = PyTuple_Pack(2, obj, tmp_obj)) == NULL) {
+        goto error;
+    }
+    if ((res = PyObject_Call(cs->torch_save, args, kwargs)) == NULL) {
         goto error;
     }
     Py_BEGIN_ALLOW_THREADS
-    r = fsync_path(tmp, O_RDONLY);
+    r = fdatasync(fd);
     if (r == 0) {
         r = rename(tmp, path);
     }
@@ -142,6 +138,9 @@ save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObje
     }
     result = Py_NewRef(Py_None);
 error:
+    if (fd >= 0) {
+        close(fd);
+    }
     if (created) {
         (void)unlink(tmp);
     }
