@@ -125,14 +125,16 @@ def torch_load(f: Any, kwargs: dict[str, Any]) -> Any:
     kwargs = dict(kwargs)
     kwargs.setdefault("map_location", "cpu")
     kwargs.setdefault("weights_only", True)
-    if isinstance(f, (str, os.PathLike)):
-        kwargs.setdefault("mmap", True)
+    if isinstance(f, (str, os.PathLike)) and sniff_format(f) == "torch":
+        kwargs.setdefault("mmap", True)  # only the zip format can be mapped (not legacy files)
     return torch.load(f, **kwargs)
 
 
 # ---- checkpoints -----------------------------------------------------------------
 
 _ZIP_MAGIC = b"PK\x03\x04"
+# torch's legacy (pre-1.6) format: a protocol-2 pickle of its magic number first
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
 class CheckpointError(ValueError, RuntimeError):
@@ -207,28 +209,58 @@ def _torch_load_checked(f: Any, kwargs: dict[str, Any]) -> Any:
                 "If you trust this file, pass weights_only=False explicitly."
             ) from exc
         raise CheckpointError(f"{name} is not a readable checkpoint (corrupted pickle data: {exc}).") from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
+    except (RuntimeError, EOFError, ValueError) as exc:
+        # only a broken file is a CheckpointError: a bad map_location, say, stays itself
+        if not isinstance(exc, EOFError) and not any(sign in str(exc) for sign in _CORRUPTION_SIGNS):
             raise
         raise CheckpointError(
             f"{name} is not a readable torch checkpoint (truncated or corrupted?): {exc}"
         ) from exc
 
 
+# What torch's zip reader and unpickler say about a file that is not a whole checkpoint.
+_CORRUPTION_SIGNS = (
+    "PytorchStreamReader",
+    "zip archive",
+    "central directory",
+    "invalid load key",
+    "Ran out of input",
+    "unexpected EOF",
+    "file not found",
+    "truncated",
+)
+
+
+def sniff_format(f: Any) -> str | None:
+    """"torch", "torch-legacy", "safetensors" or None, from the file's first bytes."""
+    head = _first_bytes(f, 16)
+    if head.startswith(_ZIP_MAGIC):
+        return "torch"
+    if head.startswith(_LEGACY_MAGIC):
+        return "torch-legacy"
+    if looks_like_safetensors(head):
+        return "safetensors"
+    return None
+
+
+def _not_a_checkpoint(f: Any) -> CheckpointError:
+    size = os.path.getsize(f) if isinstance(f, (str, os.PathLike)) else None
+    what = "is empty" if size == 0 else "is not a checkpoint (neither torch's format nor safetensors)"
+    return CheckpointError(f"{describe_file(f)} {what}: nothing was loaded.")
+
+
 def load_checkpoint(f: Any, kwargs: dict[str, Any]) -> tuple[dict, dict]:
     """(modelopt_state, model_state_dict) from a checkpoint of either format."""
     name = describe_file(f)
-    head = _first_bytes(f)
-    if not head.startswith(_ZIP_MAGIC):
-        if looks_like_safetensors(head):
-            from . import st_format
+    kind = sniff_format(f)
+    if kind is None:
+        raise _not_a_checkpoint(f)
+    if kind == "safetensors":
+        from . import st_format
 
-            if not isinstance(f, (str, os.PathLike)):
-                raise TypeError(f"{name}: restoring the safetensors-compatible format needs a file path.")
-            state, weights = st_format.load_file(f)
-            return state, weights
-        if len(head) == 0:
-            raise CheckpointError(f"{name} is empty: not a checkpoint.")
+        if not isinstance(f, (str, os.PathLike)):
+            raise TypeError(f"{name}: restoring the safetensors-compatible format needs a file path.")
+        return st_format.load_file(f)
     objs = _torch_load_checked(f, kwargs)
     if not isinstance(objs, dict) or "modelopt_state" not in objs or "model_state_dict" not in objs:
         what = sorted(map(str, objs))[:5] if isinstance(objs, dict) else type(objs).__name__
@@ -241,6 +273,8 @@ def load_checkpoint(f: Any, kwargs: dict[str, Any]) -> tuple[dict, dict]:
 
 def load_modelopt_state_file(path: Any, kwargs: dict[str, Any]) -> dict:
     """load_modelopt_state: a safe load, then the layout checks."""
+    if sniff_format(path) not in ("torch", "torch-legacy"):
+        raise _not_a_checkpoint(path)
     kwargs = dict(kwargs)
     kwargs.setdefault("map_location", "cpu")
     state = _torch_load_checked(path, kwargs)

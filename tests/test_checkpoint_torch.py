@@ -257,3 +257,18 @@ def test_custom_loading_modules_use_torch_loader(tmp_path, x):
     assert torch.equal(mto.restore(fresh, tmp_path / "c.pt")(x), model(x))
     with pytest.raises(RuntimeError, match="Missing key"):
         mto.restore(nn.Sequential(Custom(4, 2), Custom(2, 2)), tmp_path / "c.pt")
+
+
+def test_legacy_torch_format_restores_without_mmap(converted, tmp_path, x):
+    path = tmp_path / "legacy.pt"
+    mto.save(converted, path, _use_new_zipfile_serialization=False)
+    assert not path.read_bytes().startswith(b"PK")
+    assert torch.equal(mto.restore(TinyNet(), path)(x), converted(x))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
+def test_device_errors_are_not_reported_as_corruption(converted, tmp_path):
+    mto.save(converted, tmp_path / "c.pt")
+    with pytest.raises(RuntimeError, match="CUDA") as info:
+        mto.restore(TinyNet(), tmp_path / "c.pt", map_location="cuda")
+    assert not isinstance(info.value, mto.CheckpointError)
