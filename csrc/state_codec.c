@@ -53,7 +53,9 @@
  * Codes 0 and 8..127 are unused; negative codes (msgpack's reserved range, e.g.
  * -1 timestamp) are rejected.  Subclasses of dict, list, tuple, str, int, float
  * and bytes are encoded as their base type (torch.Size is checked before tuple).
- * Nesting is capped at CODEC_MAX_DEPTH containers (ext payloads count) both ways. */
+ * Nesting is capped at CODEC_MAX_DEPTH (256) levels of containers, counted the same
+ * way both ways (a tuple, Size or slice is one level, like a list), so whatever
+ * encodes also decodes. */
 #include "module_state.h"
 
 #include <msgpack.h>
@@ -1550,13 +1552,13 @@ decode_obj(Decoder *d, int depth)
         if (dec_read_len(d, at, b == 0xc7 ? 1 : b == 0xc8 ? 2 : 4, "ext", &n) < 0) {
             return NULL;
         }
-        return decode_ext(d, at, n, depth + 1);
+        return decode_ext(d, at, n, depth);
     case 0xd4:
     case 0xd5:
     case 0xd6:
     case 0xd7:
     case 0xd8:
-        return decode_ext(d, at, 1u << (b - 0xd4), depth + 1);
+        return decode_ext(d, at, 1u << (b - 0xd4), depth);
     case 0xca: {
         if (dec_need(d, at, 4, "float 32") < 0) {
             return NULL;
