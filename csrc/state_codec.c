@@ -243,9 +243,10 @@ enc_nomem(void)
     return -1;
 }
 
-/* Record one path component (steals `component`, which may be NULL); returns -1. */
-static int
-enc_trace(Encoder *enc, PyObject *component)
+/* Move a raised foreign exception into enc->pending, so the path can be recorded
+ * with no exception set. */
+static void
+enc_stash(Encoder *enc)
 {
     if (PyErr_Occurred()) {
         PyObject *exc = exc_take();
@@ -256,6 +257,12 @@ enc_trace(Encoder *enc, PyObject *component)
             Py_XDECREF(exc);
         }
     }
+}
+
+/* Record one path component (steals `component`; NULL: formatting it failed). */
+static int
+enc_push(Encoder *enc, PyObject *component)
+{
     if (component == NULL) {
         PyErr_Clear();
         return -1;
@@ -270,47 +277,46 @@ enc_trace(Encoder *enc, PyObject *component)
     return -1;
 }
 
+/* On the way out of a failed item: record where it was.  All return -1. */
 static int
 enc_trace_index(Encoder *enc, Py_ssize_t i)
 {
-    PyObject *exc = PyErr_Occurred() ? exc_take() : NULL;
-    PyObject *component = PyUnicode_FromFormat("[%zd]", i);
-    if (exc != NULL) {
-        exc_put(exc);
-    }
-    return enc_trace(enc, component);
+    enc_stash(enc);
+    return enc_push(enc, PyUnicode_FromFormat("[%zd]", i));
 }
 
 static int
 enc_trace_text(Encoder *enc, const char *text)
 {
-    PyObject *exc = PyErr_Occurred() ? exc_take() : NULL;
-    PyObject *component = PyUnicode_FromString(text);
-    if (exc != NULL) {
-        exc_put(exc);
-    }
-    return enc_trace(enc, component);
+    enc_stash(enc);
+    return enc_push(enc, PyUnicode_FromString(text));
 }
 
 static int
 enc_trace_key(Encoder *enc, PyObject *key, int depth)
 {
-    PyObject *exc = PyErr_Occurred() ? exc_take() : NULL;
     PyObject *component = NULL;
+    enc_stash(enc);
     if (depth == 0 && PyUnicode_CheckExact(key) && PyUnicode_IsIdentifier(key)) {
         component = Py_NewRef(key); /* the example style: modelopt_state_dict[1]... */
     }
-    else {
-        component = PyUnicode_FromFormat("[%R]", key);
-    }
-    if (component == NULL) {
+    else if ((component = PyUnicode_FromFormat("[%R]", key)) == NULL) {
         PyErr_Clear();
         component = PyUnicode_FromString("[?]");
     }
-    if (exc != NULL) {
-        exc_put(exc);
+    return enc_push(enc, component);
+}
+
+/* A dict key failed: what its own containers recorded is inside the key. */
+static int
+enc_trace_in_key(Encoder *enc)
+{
+    enc_stash(enc);
+    if (enc->path != NULL && PyList_SetSlice(enc->path, 0, PyList_GET_SIZE(enc->path), NULL) < 0) {
+        PyErr_Clear();
     }
-    return enc_trace(enc, component);
+    enc->in_key = 1;
+    return -1;
 }
 
 /* The key path as text, outermost first ("the top level" when empty). */
@@ -357,9 +363,7 @@ static void
 enc_raise(Encoder *enc)
 {
     PyObject *path = NULL, *note = NULL, *res = NULL;
-    if (PyErr_Occurred()) {
-        (void)enc_trace(enc, NULL); /* a failure at the top level: stash it */
-    }
+    enc_stash(enc); /* a failure at the top level */
     if ((path = enc_render_path(enc)) == NULL) {
         PyErr_Clear();
         path = PyUnicode_FromString("?");
@@ -371,7 +375,8 @@ enc_raise(Encoder *enc)
     }
     if (enc->pending != NULL) {
         if (path != NULL) {
-            note = PyUnicode_FromFormat("while encoding the modelopt state at %U", path);
+            note = PyUnicode_FromFormat("while encoding the modelopt state%s at %U",
+                                        enc->in_key ? " (a dict key)" : "", path);
         }
         if (note != NULL) {
             res = PyObject_CallMethod(enc->pending, "add_note", "O", note);
@@ -555,21 +560,14 @@ encode_dict(Encoder *enc, PyObject *obj, int depth)
         return enc_nomem();
     }
     while (PyDict_Next(obj, &pos, &key, &value)) {
+        int rc = 0;
         Py_INCREF(key);
         Py_INCREF(value);
-        int rc = 0;
         if (done == n || PyDict_GET_SIZE(obj) != n) {
             rc = enc_fail(enc, PyExc_RuntimeError, "dict changed size during encoding");
         }
         else if (encode_obj(enc, key, depth + 1) < 0) {
-            /* whatever the key's own containers recorded is inside the key */
-            if (enc->path != NULL) {
-                (void)PyList_SetSlice(enc->path, 0, PyList_GET_SIZE(enc->path), NULL);
-            }
-            enc->in_key = 1;
-            Py_DECREF(key);
-            Py_DECREF(value);
-            return -1;
+            rc = enc_trace_in_key(enc);
         }
         else if (encode_obj(enc, value, depth + 1) < 0) {
             rc = enc_trace_key(enc, key, depth);
