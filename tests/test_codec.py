@@ -714,3 +714,28 @@ def test_public_helpers():
     assert_same(state, loads_state(dumps_state(state)))
     with pytest.raises(StateDecodeError, match="from 'f.bin'"):
         loads_state(b"\xc1", source="f.bin")
+
+
+def test_containers_mutated_during_encoding_fail_cleanly():
+    """A tensor subclass runs Python code mid-encode; it may mutate the containers
+    being walked.  The encoder must notice instead of reading freed memory."""
+    holder = {}
+
+    class Evil(torch.Tensor):
+        def detach(self):
+            target = holder["target"]
+            if isinstance(target, dict):
+                target.clear()
+            else:
+                del target[:]
+            return torch.Tensor.detach(self)
+
+    evil = torch.ones(2).as_subclass(Evil)
+    d = {"a": evil, "b": [1, 2, 3], "c": "x" * 100}
+    holder["target"] = d
+    with pytest.raises(RuntimeError, match=r"^dict changed size during encoding at the top level$"):
+        encode(d)
+    lst = [evil, [1, 2, 3], "x" * 100]
+    holder["target"] = lst
+    with pytest.raises(RuntimeError, match=r"^list changed size during encoding at \[1\]$"):
+        encode(lst)
