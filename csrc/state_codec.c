@@ -37,9 +37,12 @@
  *                         sequence (encode_state(..., tensors=list) appends the tensor)
  *     3   tensor (inline) ext32; one msgpack array of 3:
  *                           [0] str: dtype name without "torch." ("bfloat16", ...)
- *                           [1] array of uint: the shape (0..64 dims, each <= 2**63-1)
+ *                           [1] array of non-negative ints: the shape (0..64 dims, each
+ *                               <= 2**63-1; written as the smallest uint form, read
+ *                               from any int form)
  *                           [2] bin: the raw bytes of the contiguous CPU tensor in
- *                               C order, native (little-endian) byte order;
+ *                               C order, little-endian (the host order; big-endian
+ *                               hosts are refused at build time);
  *                               length == prod(shape) * dtype.itemsize
  *                         a bool tensor's bytes must each be 0 or 1
  *     4   torch.Size      ext32; one msgpack array of ints
@@ -62,6 +65,11 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <string.h>
+
+/* Inline tensor bytes are little-endian, the host order of every platform torch ships for. */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "state_codec.c writes tensor bytes in host order and assumes a little-endian host"
+#endif
 
 #define CODEC_MAX_DEPTH 256
 #define CODEC_MAX_NDIM 64
@@ -1181,7 +1189,9 @@ dec_expect_uint(Decoder *d, const char *what, uint64_t *out)
         *out = b;
         return 0;
     }
-    int n = b == 0xcc ? 1 : b == 0xcd ? 2 : b == 0xce ? 4 : b == 0xcf ? 8 : 0;
+    /* uint 8..64, or int 8..64 holding a non-negative value (legal, if not minimal) */
+    int n = b == 0xcc || b == 0xd0 ? 1 : b == 0xcd || b == 0xd1 ? 2 : b == 0xce || b == 0xd2 ? 4
+          : b == 0xcf || b == 0xd3 ? 8 : 0;
     if (n == 0) {
         return dec_fail_int(d, at, "%s must be a non-negative msgpack int (found type byte 0x%x)",
                             what, b);
@@ -1189,7 +1199,11 @@ dec_expect_uint(Decoder *d, const char *what, uint64_t *out)
     if (dec_need(d, at, (uint64_t)n, what) < 0) {
         return -1;
     }
-    *out = n == 1 ? d->p[0] : n == 2 ? load_be16(d->p) : n == 4 ? load_be32(d->p) : load_be64(d->p);
+    uint64_t v = n == 1 ? d->p[0] : n == 2 ? load_be16(d->p) : n == 4 ? load_be32(d->p) : load_be64(d->p);
+    if (b >= 0xd0 && (v >> (8 * n - 1)) != 0) {
+        return dec_fail_int(d, at, "%s must not be negative", what);
+    }
+    *out = v;
     d->p += n;
     return 0;
 }

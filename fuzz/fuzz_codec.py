@@ -31,6 +31,9 @@ C = load_native(os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
+# FUZZ_CODEC_SELFTEST=1 makes every successful decode a failure: checks that the CI
+# plumbing (.ci/fuzz.sh) really reports a crash.
+_SELFTEST = bool(os.environ.get("FUZZ_CODEC_SELFTEST"))
 TENSORS = [torch.ones(2), torch.zeros(3, dtype=torch.bfloat16), torch.tensor(True)]
 
 
@@ -180,6 +183,8 @@ def check_one(data: bytes) -> None:
         _classify(msg.split(": ", 1)[-1])
         return
     _walk(value)
+    if _SELFTEST:
+        raise AssertionError("FUZZ_CODEC_SELFTEST: a decoded value counts as a failure")
     again = C.decode_state(C.encode_state(value))
     if not _same(value, again):
         raise AssertionError(f"inline round trip changed the value: {value!r} -> {again!r}")

@@ -540,6 +540,11 @@ def test_bad_inline_tensors():
     }
     for payload, want in cases.items():
         assert want in decode_error(_tensor_ext(payload)), want
+    # dims written with a signed form by another encoder are fine if not negative
+    y = decode(_tensor_ext(b"\x93\xa5int16\x91\xd0\x02\xc4\x04\x01\x00\x02\x00"))
+    assert y.tolist() == [1, 2]
+    assert "tensor dimension must not be negative" in decode_error(
+        _tensor_ext(b"\x93\xa5int16\x91\xd0\xfe\xc4\x00"))
     # a zero-sized dimension makes any other dimension harmless
     y = decode(_tensor_ext(b"\x93\xa5int16\x92\x00\xce\xff\xff\xff\xff\xc4\x00"))
     assert y.shape == (0, 2**32 - 1)
