@@ -1,5 +1,6 @@
 /* Public face of state_codec.c: the modelopt state <-> msgpack bytes codec.
- * (Filled in by the codec work; the module only needs these four hooks.) */
+ * The module only needs the four hooks below; the format itself is documented in
+ * the table at the top of state_codec.c. */
 #ifndef MODELOPT_C_STATE_CODEC_H
 #define MODELOPT_C_STATE_CODEC_H
 
@@ -7,6 +8,29 @@
 
 typedef struct {
     PyObject *DecodeError;    /* modelopt_c.StateDecodeError, a ValueError */
+
+    /* torch objects, cached at module exec */
+    PyObject *Tensor;         /* torch.Tensor */
+    PyObject *Size;           /* torch.Size */
+    PyObject *dtype_type;     /* torch.dtype */
+    PyObject *device_type;    /* torch.device */
+    PyObject *strided;        /* torch.strided */
+    PyObject *empty;          /* torch.empty */
+    PyObject *dtype_by_name;  /* dict: "float32" -> (torch.float32, itemsize) */
+    PyObject *name_by_dtype;  /* dict: torch.float32 -> b"float32" */
+
+    /* interned strings */
+    PyObject *s_detach;
+    PyObject *s_cpu;
+    PyObject *s_contiguous;
+    PyObject *s_resolve_conj;
+    PyObject *s_resolve_neg;
+    PyObject *s_layout;
+    PyObject *s_dtype;
+    PyObject *s_shape;
+    PyObject *s_nbytes;
+    PyObject *s_data_ptr;
+    PyObject *kw_dtype;       /* ("dtype",): kwnames for torch.empty(shape, dtype=...) */
 } CodecState;
 
 int codec_state_init(PyObject *module, CodecState *cs);

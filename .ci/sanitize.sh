@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Build the extension with ASan + UBSan (MODELOPT_C_SANITIZE=1) in a temporary
+# copy of the tree, so the normal in-place build is untouched, and run
+# tests/test_codec.py against it.  Exits non-zero on any test failure or
+# sanitizer report (ASan aborts; UBSan is built with -fno-sanitize-recover).
+#
+#   .ci/sanitize.sh [extra pytest args]
+#   SANITIZE_KEEP=1 .ci/sanitize.sh     # keep the temporary tree for debugging
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+work="$(mktemp -d "${TMPDIR:-/tmp}/modelopt_c-sanitize.XXXXXX")"
+if [ -z "${SANITIZE_KEEP:-}" ]; then trap 'rm -rf "$work"' EXIT; else echo "tree kept in $work"; fi
+
+# the tracked and untracked-but-not-ignored files: sources, tests, corpus (no build output)
+(cd "$repo" && git ls-files -z --cached --others --exclude-standard) |
+    (cd "$repo" && xargs -0 cp --parents -t "$work" 2>/dev/null || true)
+cd "$work"
+echo "sanitize.sh: building with ASan+UBSan in $work"
+MODELOPT_C_SANITIZE=1 python setup.py build_ext --inplace >build.log 2>&1 || { tail -50 build.log; exit 1; }
+
+# libstdc++ is preloaded too: python is not linked against it, and ASan's
+# __cxa_throw interceptor aborts ("real___cxa_throw != 0") on the first C++
+# exception torch throws unless libstdc++ is loaded before ASan resolves it.
+asan_lib="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+# detect_leaks=0: CPython and torch keep memory until exit by design.
+# verify_asan_link_order=0: python itself is not linked with ASan, the runtime is preloaded.
+# abort_on_error / halt_on_error: any report kills the process -> non-zero exit.
+export ASAN_OPTIONS="detect_leaks=0:verify_asan_link_order=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0:allocator_may_return_null=1:handle_segv=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+export PYTHONMALLOC=malloc          # let ASan see Python object allocations too
+export MODELOPT_C_SANITIZE=1        # tests scale down their loops and skip RSS bounds
+export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}"
+
+# 1. the sanitizer must really be active: a heap overflow through an intercepted memmove
+if (LD_PRELOAD="$asan_lib" python -c '
+import ctypes
+buf = ctypes.create_string_buffer(8)
+src = ctypes.create_string_buffer(64)
+ctypes.memmove(buf, src, 64)
+') >selfcheck.log 2>&1; then
+    echo "sanitize.sh: ASan self-check did NOT fire; the sanitizer is not active" >&2
+    cat selfcheck.log >&2
+    exit 1
+fi
+grep -q "AddressSanitizer" selfcheck.log || { echo "sanitize.sh: self-check failed for another reason:" >&2; cat selfcheck.log >&2; exit 1; }
+nm -D modelopt_c/_conversion*.so | grep -q __asan_report || { echo "sanitize.sh: extension not instrumented" >&2; exit 1; }
+echo "sanitize.sh: ASan self-check fired as expected; running the codec tests"
+
+# 2. the codec tests against the instrumented build
+LD_PRELOAD="$asan_lib" python -m pytest tests/test_codec.py -q -p no:cacheprovider "$@"
+
+# 3. hostile bytes under the sanitizer: the harness's random mutator over the corpus
+fuzz_seconds="${SANITIZE_FUZZ_SECONDS:-30}"
+if [ "$fuzz_seconds" -gt 0 ]; then
+    echo "sanitize.sh: ${fuzz_seconds}s of mutated corpus inputs under ASan+UBSan"
+    mkdir -p fuzz-out
+    (cd fuzz-out && LD_PRELOAD="$asan_lib" python ../fuzz/fuzz_codec.py --random "$fuzz_seconds" ../tests/codec_corpus)
+fi
+echo "sanitize.sh: OK (no sanitizer report)"
