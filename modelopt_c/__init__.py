@@ -30,6 +30,7 @@ from ._conversion import (
     save,
 )
 from ._runtime import MODELOPT_STATE_VERSION, CheckpointError
+from .codec import dumps_state, loads_state
 from .config import ModeloptBaseConfig, ModeloptField
 from .mode import ModeDescriptor, _ModeDescriptor, _ModeRegistryCls, get_mode_config
 from .model_like import ModelLikeModule
@@ -50,9 +51,11 @@ __all__ = [
     "_ModeRegistryCls",
     "__version__",
     "apply_mode",
+    "dumps_state",
     "get_mode",
     "get_mode_config",
     "load_modelopt_state",
+    "loads_state",
     "modelopt_state",
     "restore",
     "restore_from_modelopt_state",
