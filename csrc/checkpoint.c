@@ -1,8 +1,493 @@
-/* Placeholder until checkpoint I/O lands. */
+/* Checkpoint I/O for the torch format: crash-safe replacement of the target file
+ * (temp file in the same folder, fsync, rename, fsync the folder) and the in-place
+ * weight loader, which copies each saved tensor into the model's own through the
+ * ATen bridge so no second copy of the weights is ever held. */
+#define _GNU_SOURCE
 #include "module_state.h"
+#include "aten_bridge.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- crash-safe replacement ------------------------------------------------------ */
+
+/* Split "dir/name" into its folder ("." when none) and base name; malloc'd copies. */
+static int
+split_path(const char *path, char **dir, char **base)
+{
+    const char *slash = strrchr(path, '/');
+    if (slash == NULL) {
+        *dir = strdup(".");
+        *base = strdup(path);
+    }
+    else {
+        size_t n = slash == path ? 1 : (size_t)(slash - path);
+        *dir = strndup(path, n);
+        *base = strdup(slash + 1);
+    }
+    if (*dir == NULL || *base == NULL || **base == '\0') {
+        free(*dir);
+        free(*base);
+        *dir = *base = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+/* Remove temp files of earlier saves to this target whose writer is gone (killed). */
+static void
+remove_stale_temps(const char *dir, const char *base)
+{
+    char prefix[NAME_MAX + 16];
+    int plen = snprintf(prefix, sizeof(prefix), ".%s.tmp-", base);
+    if (plen <= 0 || (size_t)plen >= sizeof(prefix)) {
+        return;
+    }
+    DIR *d = opendir(dir);
+    if (d == NULL) {
+        return;
+    }
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strncmp(e->d_name, prefix, (size_t)plen) != 0) {
+            continue;
+        }
+        long pid = strtol(e->d_name + plen, NULL, 10);
+        if (pid > 0 && pid != (long)getpid() && kill((pid_t)pid, 0) < 0 && errno == ESRCH) {
+            (void)unlinkat(dirfd(d), e->d_name, 0);
+        }
+    }
+    closedir(d);
+}
+
+static int
+fsync_path(const char *path, int flags)
+{
+    int fd = open(path, flags | O_CLOEXEC);
+    if (fd < 0) {
+        return -1;
+    }
+    int r = fsync(fd);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return r;
+}
+
+/* torch.save(obj, path, **kwargs) so that `path` is replaced atomically. */
+static PyObject *
+save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObject *kwargs)
+{
+    PyObject *encoded = NULL, *tmp_obj = NULL, *args = NULL, *res = NULL, *result = NULL;
+    char *dir = NULL, *base = NULL, tmp[PATH_MAX];
+    int created = 0, r;
+
+    if (!PyUnicode_FSConverter(path_obj, &encoded)) {
+        return NULL;
+    }
+    const char *path = PyBytes_AS_STRING(encoded);
+    if (split_path(path, &dir, &base) < 0) {
+        PyErr_Format(PyExc_ValueError, "cannot save to %R: not a file path", path_obj);
+        goto error;
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (snprintf(tmp, sizeof(tmp), "%s/.%s.tmp-%ld-%lx", dir, base, (long)getpid(),
+                 (unsigned long)(now.tv_nsec ^ (now.tv_sec << 20))) >= (int)sizeof(tmp)) {
+        PyErr_Format(PyExc_ValueError, "cannot save to %R: the path is too long", path_obj);
+        goto error;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    r = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (r >= 0) {
+        close(r);
+    }
+    Py_END_ALLOW_THREADS
+    if (r < 0) {
+        /* name the target, not our temp name: that is the path the user knows */
+        int saved = errno;
+        struct stat sb;
+        errno = stat(dir, &sb) == 0 ? saved : errno;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
+        goto error;
+    }
+    created = 1;
+    if ((tmp_obj = PyUnicode_DecodeFSDefault(tmp)) == NULL || (args = PyTuple_Pack(2, obj, tmp_obj)) == NULL ||
+        (res = PyObject_Call(cs->torch_save, args, kwargs)) == NULL) {
+        goto error;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    r = fsync_path(tmp, O_RDONLY);
+    if (r == 0) {
+        r = rename(tmp, path);
+    }
+    if (r == 0) {
+        created = 0;
+        (void)fsync_path(dir, O_RDONLY | O_DIRECTORY); /* make the rename itself durable */
+        remove_stale_temps(dir, base);
+    }
+    Py_END_ALLOW_THREADS
+    if (r < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
+        goto error;
+    }
+    result = Py_NewRef(Py_None);
+error:
+    if (created) {
+        (void)unlink(tmp);
+    }
+    free(dir);
+    free(base);
+    Py_XDECREF(encoded);
+    Py_XDECREF(tmp_obj);
+    Py_XDECREF(args);
+    Py_XDECREF(res);
+    return result;
+}
+
+PyObject *
+ckpt_save(ModuleState *st, PyObject *const *call)
+{
+    PyObject *f = call[0], *state = call[1], *weights = call[2], *format = call[3], *kwargs = call[4];
+    PyObject *fmt = NULL, *path = NULL, *ckpt = NULL, *args = NULL, *res = NULL, *result = NULL;
+
+    PyObject *fmt_args[2] = {f, format};
+    if ((fmt = runtime_call(st, "checkpoint_format", fmt_args, 2)) == NULL) {
+        goto error;
+    }
+    if (PyUnicode_CompareWithASCIIString(fmt, "safetensors") == 0) {
+        PyObject *st_args[4] = {f, weights, state, kwargs};
+        result = runtime_call(st, "save_safetensors", st_args, 4);
+        goto error;
+    }
+    if ((ckpt = PyDict_New()) == NULL || PyDict_SetItem(ckpt, st->s_modelopt_state, state) < 0 ||
+        PyDict_SetItem(ckpt, st->s_model_state_dict, weights) < 0) {
+        goto error;
+    }
+    path = PyOS_FSPath(f);
+    if (path == NULL) {
+        /* a file object: written directly (it has no folder to stage in) */
+        PyErr_Clear();
+        if ((args = PyTuple_Pack(2, ckpt, f)) == NULL ||
+            (res = PyObject_Call(st->ckpt.torch_save, args, kwargs)) == NULL) {
+            goto error;
+        }
+        result = Py_NewRef(Py_None);
+        goto error;
+    }
+    result = save_torch_atomic(&st->ckpt, path, ckpt, kwargs);
+error:
+    Py_XDECREF(fmt);
+    Py_XDECREF(path);
+    Py_XDECREF(ckpt);
+    Py_XDECREF(args);
+    Py_XDECREF(res);
+    return result;
+}
+
+/* ---- in-place loading --------------------------------------------------------- */
+
+/* An owned bridge handle over `tensor` (detached), or NULL with an exception. */
+static AtbTensor *
+bridge_handle(CheckpointState *cs, PyObject *tensor)
+{
+    PyObject *detached = NULL, *capsule = NULL;
+    AtbTensor *handle = NULL;
+    AtbError err = {{0}};
+
+    if ((detached = PyObject_CallMethodNoArgs(tensor, cs->s_detach)) == NULL ||
+        (capsule = PyObject_CallMethodNoArgs(detached, cs->s_dlpack)) == NULL) {
+        goto error;
+    }
+    void *dlm = PyCapsule_GetPointer(capsule, "dltensor");
+    if (dlm == NULL || PyCapsule_SetName(capsule, "used_dltensor") < 0) {
+        goto error;
+    }
+    if (atb_from_dlpack(dlm, &handle, &err) < 0) {
+        PyErr_Format(PyExc_RuntimeError, "ATen could not take the tensor: %s", err.msg);
+        handle = NULL;
+    }
+error:
+    Py_XDECREF(detached);
+    Py_XDECREF(capsule);
+    return handle;
+}
+
+/* dst[...] = src, in place, bytes moved by ATen with the GIL released.  Falls back to
+ * Tensor.copy_ for what DLPack cannot carry (e.g. some float8 builds). */
+static int
+copy_in_place(CheckpointState *cs, PyObject *dst, PyObject *src, PyObject *key)
+{
+    AtbTensor *d = NULL, *s = NULL;
+    AtbError err = {{0}};
+    int r = -1;
+
+    if ((d = bridge_handle(cs, dst)) == NULL || (s = bridge_handle(cs, src)) == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_BufferError) && !PyErr_ExceptionMatches(PyExc_RuntimeError) &&
+            !PyErr_ExceptionMatches(PyExc_TypeError)) {
+            goto done;
+        }
+        PyErr_Clear();
+        PyObject *detached = PyObject_CallMethodNoArgs(dst, cs->s_detach);
+        PyObject *res = detached ? PyObject_CallMethodOneArg(detached, cs->s_copy_, src) : NULL;
+        Py_XDECREF(detached);
+        Py_XDECREF(res);
+        r = res == NULL ? -1 : 0;
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    r = atb_copy_into(d, s, &err);
+    Py_END_ALLOW_THREADS
+    if (r < 0) {
+        PyErr_Format(PyExc_RuntimeError, "could not copy %R into the model: %s", key, err.msg);
+    }
+done:
+    if (d != NULL) {
+        atb_free(d);
+    }
+    if (s != NULL) {
+        atb_free(s);
+    }
+    return r;
+}
+
+/* Append `"k1", "k2"` (torch's wording) for the keys of `keys` to `parts`. */
+static int
+append_key_list(PyObject *parts, const char *label, PyObject *keys)
+{
+    if (PyList_GET_SIZE(keys) == 0) {
+        return 0;
+    }
+    PyObject *quoted = PyList_New(0), *sep = NULL, *joined = NULL, *line = NULL;
+    int r = -1;
+    if (quoted == NULL) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+        PyObject *q = PyUnicode_FromFormat("\"%U\"", PyList_GET_ITEM(keys, i));
+        if (q == NULL || PyList_Append(quoted, q) < 0) {
+            Py_XDECREF(q);
+            goto error;
+        }
+        Py_DECREF(q);
+    }
+    if ((sep = PyUnicode_FromString(", ")) == NULL || (joined = PyUnicode_Join(sep, quoted)) == NULL ||
+        (line = PyUnicode_FromFormat("%s key(s) in state_dict: %U. ", label, joined)) == NULL ||
+        PyList_Append(parts, line) < 0) {
+        goto error;
+    }
+    r = 0;
+error:
+    Py_XDECREF(quoted);
+    Py_XDECREF(sep);
+    Py_XDECREF(joined);
+    Py_XDECREF(line);
+    return r;
+}
+
+/* RuntimeError in torch's load_state_dict wording, plus which file it came from. */
+static void
+raise_load_errors(PyObject *model, PyObject *parts, PyObject *source)
+{
+    PyObject *sep = PyUnicode_FromString("\n\t"), *joined = NULL, *where = NULL;
+    if (sep != NULL && (joined = PyUnicode_Join(sep, parts)) != NULL) {
+        where = PyObject_Repr(source);
+        if (where != NULL) {
+            PyErr_Format(PyExc_RuntimeError,
+                         "Error(s) in loading state_dict for %s:\n\t%U\n(checkpoint %U: it was saved from a "
+                         "different architecture or with different modes; nothing was copied into the weights)",
+                         Py_TYPE(model)->tp_name, joined, where);
+        }
+    }
+    Py_XDECREF(sep);
+    Py_XDECREF(joined);
+    Py_XDECREF(where);
+}
+
+int
+ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObject *source)
+{
+    CheckpointState *cs = &st->ckpt;
+    PyObject *targets = NULL, *missing = NULL, *unexpected = NULL, *parts = NULL, *dst_shape = NULL,
+             *src_shape = NULL, *meta = NULL, *res = NULL;
+    int result = -1;
+
+    PyObject *args[3] = {model, state_dict, source};
+    if ((targets = runtime_call(st, "plain_load_targets", args, 1)) == NULL) {
+        goto error;
+    }
+    if (targets == Py_None) {
+        /* modules with their own loading logic: torch's loader, still in place */
+        if ((res = runtime_call(st, "load_state_dict_torch", args, 3)) == NULL) {
+            goto error;
+        }
+        result = 0;
+        goto error;
+    }
+    if (!PyDict_Check(state_dict)) {
+        PyErr_Format(PyExc_TypeError, "%R: model_state_dict is a %.200s, not a dict", source,
+                     Py_TYPE(state_dict)->tp_name);
+        goto error;
+    }
+    if ((missing = PyList_New(0)) == NULL || (unexpected = PyList_New(0)) == NULL ||
+        (parts = PyList_New(0)) == NULL) {
+        goto error;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(targets, &pos, &key, &value)) {
+        int has = PyDict_Contains(state_dict, key);
+        if (has < 0 || (!has && PyList_Append(missing, key) < 0)) {
+            goto error;
+        }
+    }
+    pos = 0;
+    while (PyDict_Next(state_dict, &pos, &key, &value)) {
+        int has = PyDict_Contains(targets, key);
+        if (has < 0 || (!has && PyList_Append(unexpected, key) < 0)) {
+            goto error;
+        }
+    }
+    if (append_key_list(parts, "Unexpected", unexpected) < 0 || append_key_list(parts, "Missing", missing) < 0) {
+        goto error;
+    }
+    /* every shape is checked before the first byte moves: no half-loaded model */
+    pos = 0;
+    while (PyDict_Next(targets, &pos, &key, &value)) {
+        PyObject *src = PyDict_GetItemWithError(state_dict, key);
+        if (src == NULL) {
+            if (PyErr_Occurred()) {
+                goto error;
+            }
+            continue;
+        }
+        int is_tensor = PyObject_IsInstance(src, cs->Tensor);
+        if (is_tensor < 0) {
+            goto error;
+        }
+        if (!is_tensor) {
+            PyObject *line = PyUnicode_FromFormat("%U in the checkpoint is a %s, not a tensor.", key,
+                                                  Py_TYPE(src)->tp_name);
+            if (line == NULL || PyList_Append(parts, line) < 0) {
+                Py_XDECREF(line);
+                goto error;
+            }
+            Py_DECREF(line);
+            continue;
+        }
+        if ((dst_shape = PyObject_GetAttr(value, cs->s_shape)) == NULL ||
+            (src_shape = PyObject_GetAttr(src, cs->s_shape)) == NULL) {
+            goto error;
+        }
+        int same = PyObject_RichCompareBool(dst_shape, src_shape, Py_EQ);
+        if (same < 0) {
+            goto error;
+        }
+        if (!same) {
+            PyObject *line = PyUnicode_FromFormat(
+                "size mismatch for %U: copying a param with shape %R from checkpoint, the shape in current "
+                "model is %R.",
+                key, src_shape, dst_shape);
+            if (line == NULL || PyList_Append(parts, line) < 0) {
+                Py_XDECREF(line);
+                goto error;
+            }
+            Py_DECREF(line);
+        }
+        Py_CLEAR(dst_shape);
+        Py_CLEAR(src_shape);
+    }
+    if (PyList_GET_SIZE(parts) > 0) {
+        raise_load_errors(model, parts, source);
+        goto error;
+    }
+    pos = 0;
+    while (PyDict_Next(targets, &pos, &key, &value)) {
+        PyObject *src = PyDict_GetItemWithError(state_dict, key);
+        if (src == NULL || (meta = PyObject_GetAttr(value, cs->s_is_meta)) == NULL) {
+            goto error;
+        }
+        int on_meta = PyObject_IsTrue(meta);
+        Py_CLEAR(meta);
+        if (on_meta < 0) {
+            goto error;
+        }
+        if (on_meta) {
+            /* nothing to copy into: the file's tensor becomes the model's */
+            PyObject *assign_args[3] = {model, key, src};
+            if ((res = runtime_call(st, "assign_tensor", assign_args, 3)) == NULL) {
+                goto error;
+            }
+            Py_CLEAR(res);
+        }
+        else if (copy_in_place(cs, value, src, key) < 0) {
+            goto error;
+        }
+    }
+    result = 0;
+error:
+    Py_XDECREF(targets);
+    Py_XDECREF(missing);
+    Py_XDECREF(unexpected);
+    Py_XDECREF(parts);
+    Py_XDECREF(dst_shape);
+    Py_XDECREF(src_shape);
+    Py_XDECREF(meta);
+    Py_XDECREF(res);
+    return result;
+}
+
+/* ---- module plumbing ---------------------------------------------------------- */
 
 PyMethodDef checkpoint_methods[] = {{NULL, NULL, 0, NULL}};
 
-int checkpoint_state_init(PyObject *module, CheckpointState *cs) { (void)module; cs->unused = NULL; return 0; }
-int checkpoint_state_traverse(CheckpointState *cs, visitproc visit, void *arg) { Py_VISIT(cs->unused); return 0; }
-void checkpoint_state_clear(CheckpointState *cs) { Py_CLEAR(cs->unused); }
+int
+checkpoint_state_init(PyObject *module, CheckpointState *cs)
+{
+    (void)module;
+    PyObject *torch = PyImport_ImportModule("torch");
+    if (torch == NULL) {
+        return -1;
+    }
+    cs->torch_save = PyObject_GetAttrString(torch, "save");
+    cs->Tensor = PyObject_GetAttrString(torch, "Tensor");
+    Py_DECREF(torch);
+    if (cs->torch_save == NULL || cs->Tensor == NULL ||
+        (cs->s_detach = PyUnicode_InternFromString("detach")) == NULL ||
+        (cs->s_dlpack = PyUnicode_InternFromString("__dlpack__")) == NULL ||
+        (cs->s_shape = PyUnicode_InternFromString("shape")) == NULL ||
+        (cs->s_is_meta = PyUnicode_InternFromString("is_meta")) == NULL ||
+        (cs->s_copy_ = PyUnicode_InternFromString("copy_")) == NULL) {
+        return -1;
+    }
+    return 0;
+}
+
+int
+checkpoint_state_traverse(CheckpointState *cs, visitproc visit, void *arg)
+{
+    Py_VISIT(cs->torch_save);
+    Py_VISIT(cs->Tensor);
+    return 0;
+}
+
+void
+checkpoint_state_clear(CheckpointState *cs)
+{
+    Py_CLEAR(cs->torch_save);
+    Py_CLEAR(cs->Tensor);
+    Py_CLEAR(cs->s_detach);
+    Py_CLEAR(cs->s_dlpack);
+    Py_CLEAR(cs->s_shape);
+    Py_CLEAR(cs->s_is_meta);
+    Py_CLEAR(cs->s_copy_);
+}

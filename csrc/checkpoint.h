@@ -1,12 +1,17 @@
-/* Public face of checkpoint.c: crash-safe file replacement, in-place weight loading
- * and the safetensors-compatible format. */
+/* Public face of checkpoint.c: crash-safe file replacement and in-place weight loading. */
 #ifndef MODELOPT_C_CHECKPOINT_H
 #define MODELOPT_C_CHECKPOINT_H
 
 #include "compat.h"
 
 typedef struct {
-    PyObject *unused;
+    PyObject *torch_save;     /* torch.save */
+    PyObject *Tensor;         /* torch.Tensor */
+    PyObject *s_detach;
+    PyObject *s_dlpack;       /* "__dlpack__" */
+    PyObject *s_shape;
+    PyObject *s_is_meta;
+    PyObject *s_copy_;
 } CheckpointState;
 
 int checkpoint_state_init(PyObject *module, CheckpointState *cs);

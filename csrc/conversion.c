@@ -1,2 +1,678 @@
-#include "module_state.h"
-PyMethodDef conversion_methods[] = {{NULL, NULL, 0, NULL}};
+/* The conversion functions of SPEC §6: apply_mode, modelopt_state,
+ * restore_from_modelopt_state, load_modelopt_state, get_mode, save, restore.
+ * They drive the state manager; modes, configs and torch I/O are called, not copied. */
+#include "state_manager.h"
+
+#define GET_STATE(module) ModuleState *st = module_state(module)
+
+/* A new reference to the model itself, or to a ModelLikeModule holding its recipe. */
+static PyObject *
+as_module(ModuleState *st, PyObject *model)
+{
+    int is_module = PyObject_IsInstance(model, st->nn_Module);
+    if (is_module < 0) {
+        return NULL;
+    }
+    return is_module ? Py_NewRef(model) : runtime_call(st, "as_module", &model, 1);
+}
+
+static int
+is_model_like(ModuleState *st, PyObject *model)
+{
+    PyObject *res = runtime_call(st, "is_model_like", &model, 1);
+    if (res == NULL) {
+        return -1;
+    }
+    int r = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    return r;
+}
+
+/* New reference: the built model when `model` is a holder, else `model`. */
+static PyObject *
+init_if_model_like(ModuleState *st, PyObject *model)
+{
+    int holder = is_model_like(st, model);
+    if (holder < 0) {
+        return NULL;
+    }
+    return holder ? PyObject_CallMethod(model, "init_modellike", NULL) : Py_NewRef(model);
+}
+
+static PyObject *
+unwrap(ModuleState *st, PyObject *model, const char *how)
+{
+    PyObject *how_obj = PyUnicode_FromString(how);
+    if (how_obj == NULL) {
+        return NULL;
+    }
+    PyObject *args[2] = {model, how_obj};
+    PyObject *result = runtime_call(st, "unwrap", args, 2);
+    Py_DECREF(how_obj);
+    return result;
+}
+
+/* Steals `model`; new reference to what the mode needs (holder or built model). */
+static PyObject *
+prepare_model_for(ModuleState *st, PyObject *model, PyObject *descriptor)
+{
+    PyObject *args[2] = {model, descriptor};
+    PyObject *result = runtime_call(st, "prepare_model_for", args, 2);
+    Py_DECREF(model);
+    return result;
+}
+
+static int
+ensure_not_model_like(ModuleState *st, PyObject *model)
+{
+    int holder = is_model_like(st, model);
+    if (holder > 0) {
+        PyErr_SetString(PyExc_AssertionError, "Model must be a regular Module now!");
+    }
+    return holder == 0 ? 0 : -1;
+}
+
+/* The list of per-mode kwargs dicts (new reference), SPEC §6 mode_kwargs. */
+static PyObject *
+per_mode_kwargs(PyObject *mode_kwargs, Py_ssize_t n)
+{
+    if (mode_kwargs == Py_None || PyDict_Check(mode_kwargs)) {
+        PyObject *list = PyList_New(n);
+        for (Py_ssize_t i = 0; list != NULL && i < n; i++) {
+            PyObject *d = mode_kwargs == Py_None ? PyDict_New() : Py_NewRef(mode_kwargs);
+            if (d == NULL) {
+                Py_CLEAR(list);
+                break;
+            }
+            PyList_SET_ITEM(list, i, d);
+        }
+        return list;
+    }
+    PyObject *list = PySequence_List(mode_kwargs);
+    if (list == NULL) {
+        return NULL;
+    }
+    if (PyList_GET_SIZE(list) != n) {
+        PyErr_SetString(PyExc_AssertionError, "Number of mode kwargs must match number of modes!");
+        Py_DECREF(list);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyDict_Check(PyList_GET_ITEM(list, i))) {
+            PyErr_Format(PyExc_TypeError, "mode_kwargs[%zd] must be a dict, got %.200s", i,
+                         Py_TYPE(PyList_GET_ITEM(list, i))->tp_name);
+            Py_DECREF(list);
+            return NULL;
+        }
+    }
+    return list;
+}
+
+/* Validate what a mode's convert returned; new reference to the model, *metadata borrowed. */
+static PyObject *
+unpack_convert_result(ModuleState *st, PyObject *result, PyObject *descriptor, PyObject **metadata)
+{
+    if (!PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 2) {
+        PyErr_Format(PyExc_TypeError,
+                     "convert of mode '%S' must return (model, metadata), got %.200s%s", descriptor,
+                     Py_TYPE(result)->tp_name, PyTuple_Check(result) ? " of the wrong length" : "");
+        return NULL;
+    }
+    PyObject *model = PyTuple_GET_ITEM(result, 0);
+    *metadata = PyTuple_GET_ITEM(result, 1);
+    int is_module = PyObject_IsInstance(model, st->nn_Module);
+    if (is_module < 0) {
+        return NULL;
+    }
+    if (!is_module) {
+        PyErr_Format(PyExc_TypeError,
+                     "convert of mode '%S' returned %.200s as the model; it must return (model, metadata) "
+                     "with an nn.Module",
+                     descriptor, Py_TYPE(model)->tp_name);
+        return NULL;
+    }
+    if (!PyDict_Check(*metadata)) {
+        PyErr_Format(PyExc_TypeError, "convert of mode '%S' returned metadata of type %.200s; it must be a dict",
+                     descriptor, Py_TYPE(*metadata)->tp_name);
+        return NULL;
+    }
+    return Py_NewRef(model);
+}
+
+/* Remove state this call created, so a failed call leaves the model as it came. */
+static void
+drop_fresh_state(ModuleState *st, PyObject *model)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (PyObject_DelAttr(model, st->s_state_key) < 0 || PyObject_DelAttr(model, st->s_version_key) < 0) {
+        PyErr_Clear();
+    }
+    PyErr_Restore(type, value, tb);
+}
+
+PyDoc_STRVAR(apply_mode_doc,
+"apply_mode(model, mode, registry=None, init_state=None, mode_kwargs=None) -> nn.Module\n\n"
+"Apply modes to a model, record them in its modelopt state, and return the model.\n\n"
+"model: an nn.Module, a model class or callable, or (cls,), (cls, args), (cls, args, kwargs).\n"
+"mode: a name, a ModeDescriptor, a (name, config) pair, or a list of these.\n"
+"registry: look modes up there only (default: every registry).\n"
+"init_state: create fresh state (default: when the model has none).\n"
+"mode_kwargs: a dict for every mode, or one dict per mode, passed to convert and\n"
+"    never stored.\n\n"
+"Every mode and config is checked before the model is touched: an unknown mode\n"
+"(KeyError) or an invalid config (pydantic ValidationError) changes nothing.");
+
+static PyObject *
+conversion_apply_mode(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"model", "mode", "registry", "init_state", "mode_kwargs", NULL};
+    PyObject *model_arg, *mode, *registry = Py_None, *init_state = Py_None, *mode_kwargs = Py_None;
+    PyObject *model = NULL, *unwrapped = NULL, *modes = NULL, *descriptors = NULL, *configs = NULL,
+             *kwargs_list = NULL, *descriptor = NULL, *config = NULL, *convert = NULL, *res = NULL,
+             *empty = NULL, *result = NULL;
+    StateManager *sm = NULL;
+    int fresh = 0, converted_any = 0;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|OOO:apply_mode", kwlist, &model_arg, &mode, &registry,
+                                     &init_state, &mode_kwargs)) {
+        return NULL;
+    }
+    GET_STATE(module);
+    if ((model = as_module(st, model_arg)) == NULL) {
+        goto error;
+    }
+    int no_mode = PyObject_Not(mode);
+    if (no_mode < 0) {
+        goto error;
+    }
+    if (no_mode) {
+        result = init_if_model_like(st, model);
+        goto error;
+    }
+    if ((unwrapped = unwrap(st, model, "force")) == NULL) {
+        goto error;
+    }
+    Py_SETREF(model, unwrapped);
+    unwrapped = NULL;
+    if ((modes = runtime_call(st, "get_mode_config", &mode, 1)) == NULL) {
+        goto error;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(modes);
+    if ((kwargs_list = per_mode_kwargs(mode_kwargs, n)) == NULL || (descriptors = PyList_New(n)) == NULL ||
+        (configs = PyList_New(n)) == NULL) {
+        goto error;
+    }
+    /* Resolve every mode and validate every config before touching the model. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PyList_GET_ITEM(modes, i);
+        PyObject *m = PyTuple_GET_ITEM(pair, 0);
+        if (registry != Py_None) {
+            descriptor = PyObject_GetItem(registry, m);
+        }
+        else {
+            descriptor = sm_descriptor(st, m);
+        }
+        if (descriptor == NULL || (config = sm_config_object(st, descriptor, PyTuple_GET_ITEM(pair, 1))) == NULL) {
+            goto error;
+        }
+        PyList_SET_ITEM(descriptors, i, descriptor);
+        PyList_SET_ITEM(configs, i, config);
+        descriptor = config = NULL;
+    }
+
+    int init;
+    if (init_state == Py_None) {
+        int converted = sm_is_converted(st, model, 0);
+        if (converted < 0) {
+            goto error;
+        }
+        init = !converted;
+    }
+    else if ((init = PyObject_IsTrue(init_state)) < 0) {
+        goto error;
+    }
+    if ((sm = sm_new(st, model, init)) == NULL) {
+        goto error;
+    }
+    fresh = init;
+    if (sm_update_last(st, sm, model, st->s_update_for_new_mode) < 0) {
+        goto error;
+    }
+    if ((empty = PyTuple_New(0)) == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *d = PyList_GET_ITEM(descriptors, i), *metadata;
+        PyObject *mode_config = PyList_GET_ITEM(configs, i);
+        /* each mode gets what it declares: the recipe holder, or the built model */
+        if ((model = prepare_model_for(st, model, d)) == NULL || sm_check_mode(st, sm, d) < 0 ||
+            (convert = PyObject_GetAttr(d, st->s_convert)) == NULL) {
+            goto error;
+        }
+        PyObject *call_args = PyTuple_Pack(2, model, mode_config);
+        if (call_args == NULL) {
+            goto error;
+        }
+        converted_any = 1;
+        res = PyObject_Call(convert, call_args, PyList_GET_ITEM(kwargs_list, i));
+        Py_DECREF(call_args);
+        if (res == NULL) {
+            goto error;
+        }
+        PyObject *new_model = unpack_convert_result(st, res, d, &metadata);
+        if (new_model == NULL) {
+            goto error;
+        }
+        Py_SETREF(model, new_model);
+        if (sm_add_mode(st, sm, d, mode_config, metadata) < 0) {
+            goto error;
+        }
+        Py_CLEAR(convert);
+        Py_CLEAR(res);
+    }
+    if (PyList_GET_SIZE(sm->state) == 0) {
+        PyObject *built = init_if_model_like(st, model);
+        if (built == NULL) {
+            goto error;
+        }
+        Py_SETREF(model, built);
+    }
+    if (ensure_not_model_like(st, model) < 0) {
+        goto error;
+    }
+    result = Py_NewRef(model);
+error:
+    if (result == NULL && fresh && !converted_any && model != NULL && sm != NULL) {
+        drop_fresh_state(st, model);
+    }
+    Py_XDECREF(model);
+    Py_XDECREF(unwrapped);
+    Py_XDECREF(modes);
+    Py_XDECREF(descriptors);
+    Py_XDECREF(configs);
+    Py_XDECREF(kwargs_list);
+    Py_XDECREF(descriptor);
+    Py_XDECREF(config);
+    Py_XDECREF(convert);
+    Py_XDECREF(res);
+    Py_XDECREF(empty);
+    Py_XDECREF(sm);
+    return result;
+}
+
+PyObject *
+conversion_modelopt_state_impl(ModuleState *st, PyObject *model_arg)
+{
+    PyObject *model = NULL, *kept = NULL, *version = NULL, *descriptor = NULL, *flag = NULL, *result = NULL;
+    StateManager *sm = NULL;
+
+    if ((model = unwrap(st, model_arg, "force")) == NULL) {
+        goto error;
+    }
+    int converted = sm_is_converted(st, model, 0);
+    if (converted < 0 || (sm = sm_new(st, converted ? model : NULL, 0)) == NULL ||
+        sm_update_last(st, sm, model, st->s_update_for_save) < 0 || (kept = PyList_New(0)) == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(sm->state); i++) {
+        PyObject *entry = PyList_GET_ITEM(sm->state, i);
+        if (!PyTuple_Check(entry) && !PyList_Check(entry)) {
+            PyErr_Format(PyExc_ValueError, "modelopt state entry %zd is a %.200s, not a (mode, state) pair", i,
+                         Py_TYPE(entry)->tp_name);
+            goto error;
+        }
+        if ((descriptor = sm_descriptor(st, PySequence_Fast_GET_ITEM(entry, 0))) == NULL ||
+            (flag = PyObject_GetAttr(descriptor, st->s_save_mode_in_state)) == NULL) {
+            goto error;
+        }
+        int keep = PyObject_IsTrue(flag);
+        if (keep < 0 || (keep && PyList_Append(kept, entry) < 0)) {
+            goto error;
+        }
+        Py_CLEAR(descriptor);
+        Py_CLEAR(flag);
+    }
+    if ((version = runtime_call(st, "state_version", NULL, 0)) == NULL ||
+        (result = PyDict_New()) == NULL || PyDict_SetItem(result, st->s_modelopt_state_dict, kept) < 0 ||
+        PyDict_SetItem(result, st->s_modelopt_version, version) < 0) {
+        Py_CLEAR(result);
+    }
+error:
+    Py_XDECREF(model);
+    Py_XDECREF(kept);
+    Py_XDECREF(version);
+    Py_XDECREF(descriptor);
+    Py_XDECREF(flag);
+    Py_XDECREF(sm);
+    return result;
+}
+
+PyDoc_STRVAR(modelopt_state_doc,
+"modelopt_state(model) -> dict\n\n"
+"{'modelopt_state_dict': [(mode, {'config', 'metadata'}), ...], 'modelopt_version': str}:\n"
+"the modes applied to `model` (no weights).  Runs the last mode's update_for_save and\n"
+"leaves out modes whose save_mode_in_state is false.  An unconverted model gives [].");
+
+static PyObject *
+conversion_modelopt_state(PyObject *module, PyObject *model)
+{
+    return conversion_modelopt_state_impl(module_state(module), model);
+}
+
+PyDoc_STRVAR(get_mode_doc, "get_mode(model) -> ModeDescriptor | None\n\nThe last mode applied to `model`, if any.");
+
+static PyObject *
+conversion_get_mode(PyObject *module, PyObject *model)
+{
+    GET_STATE(module);
+    int converted = sm_is_converted(st, model, 0);
+    if (converted <= 0) {
+        return converted < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    StateManager *sm = sm_new(st, model, 0);
+    if (sm == NULL) {
+        return NULL;
+    }
+    PyObject *result = Py_NewRef(Py_None);
+    Py_ssize_t n = PyList_GET_SIZE(sm->state);
+    if (n > 0) {
+        PyObject *entry = PyList_GET_ITEM(sm->state, n - 1);
+        Py_SETREF(result, (PyTuple_Check(entry) || PyList_Check(entry)) && PySequence_Fast_GET_SIZE(entry) == 2
+                              ? sm_descriptor(st, PySequence_Fast_GET_ITEM(entry, 0))
+                              : (PyErr_Format(PyExc_ValueError, "modelopt state entry %zd is malformed", n - 1), NULL));
+    }
+    Py_DECREF(sm);
+    return result;
+}
+
+static PyObject *
+load_modelopt_state_impl(ModuleState *st, PyObject *path, PyObject *kwargs)
+{
+    PyObject *kw = kwargs != NULL ? PyDict_Copy(kwargs) : PyDict_New();
+    if (kw == NULL) {
+        return NULL;
+    }
+    PyObject *args[2] = {path, kw};
+    PyObject *state = runtime_call(st, "load_modelopt_state_file", args, 2);
+    Py_DECREF(kw);
+    return state;
+}
+
+PyDoc_STRVAR(load_modelopt_state_doc,
+"load_modelopt_state(modelopt_state_path, **kwargs) -> dict\n\n"
+"Load a file written with torch.save(modelopt_state(model), path) safely\n"
+"(weights_only=True, map_location='cpu' unless given) and check its layout:\n"
+"TypeError for a non-dict or wrong types, ValueError for a full checkpoint or\n"
+"missing keys.");
+
+static PyObject *
+conversion_load_modelopt_state(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    PyObject *path;
+    if (!PyArg_ParseTuple(args, "O:load_modelopt_state", &path)) {
+        return NULL;
+    }
+    return load_modelopt_state_impl(module_state(module), path, kwargs);
+}
+
+/* The layout checks of a modelopt state dict, naming what is wrong. */
+static int
+check_state_layout(ModuleState *st, PyObject *state)
+{
+    if (!PyDict_Check(state)) {
+        PyErr_Format(PyExc_TypeError,
+                     "modelopt_state must be the dict returned by modelopt_state(model), got %.200s",
+                     Py_TYPE(state)->tp_name);
+        return -1;
+    }
+    PyObject *keys[2] = {st->s_modelopt_state_dict, st->s_modelopt_version};
+    for (int k = 0; k < 2; k++) {
+        int has = PyDict_Contains(state, keys[k]);
+        if (has <= 0) {
+            if (has == 0) {
+                PyObject *inner = PyDict_GetItemWithError(state, st->s_modelopt_state);
+                PyErr_Format(PyExc_KeyError, "modelopt_state has no '%U' key%s", keys[k],
+                             inner != NULL ? " (this is a full checkpoint: pass checkpoint['modelopt_state'])"
+                                           : "; expected the dict returned by modelopt_state(model)");
+            }
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state)
+{
+    PyObject *model = NULL, *entries = NULL, *version = NULL, *modes = NULL, *restore_fn = NULL,
+             *restored = NULL, *result = NULL;
+    StateManager *sm = NULL;
+
+    int truthy = PyObject_IsTrue(state);
+    if (truthy <= 0) {
+        if (truthy == 0) {
+            PyErr_SetString(PyExc_AssertionError, "modelopt_state is required!");
+        }
+        return NULL;
+    }
+    if (check_state_layout(st, state) < 0) {
+        return NULL;
+    }
+    if ((model = as_module(st, model_arg)) == NULL ||
+        (entries = PyObject_GetItem(state, st->s_modelopt_state_dict)) == NULL ||
+        (version = PyObject_GetItem(state, st->s_modelopt_version)) == NULL ||
+        (sm = sm_new(st, model, 1)) == NULL) {
+        goto error;
+    }
+    if (sm_load_state_dict(st, sm, entries, version) < 0) {
+        drop_fresh_state(st, model);
+        goto error;
+    }
+    if ((modes = PyObject_CallMethod((PyObject *)sm, "modes_with_states", NULL)) == NULL) {
+        goto error;
+    }
+    PyObject *item;
+    while ((item = PyIter_Next(modes)) != NULL) {
+        PyObject *descriptor = PyTuple_GET_ITEM(item, 0);
+        if ((model = prepare_model_for(st, model, descriptor)) == NULL) {
+            Py_DECREF(item);
+            goto error;
+        }
+        if ((restore_fn = PyObject_GetAttr(descriptor, st->s_restore)) == NULL) {
+            Py_DECREF(item);
+            goto error;
+        }
+        PyObject *call[3] = {model, PyTuple_GET_ITEM(item, 1), PyTuple_GET_ITEM(item, 2)};
+        restored = PyObject_Vectorcall(restore_fn, call, 3, NULL);
+        Py_DECREF(item);
+        Py_CLEAR(restore_fn);
+        if (restored == NULL) {
+            goto error;
+        }
+        int is_module = PyObject_IsInstance(restored, st->nn_Module);
+        if (is_module <= 0) {
+            if (is_module == 0) {
+                PyErr_Format(PyExc_TypeError, "restore of mode '%S' returned %.200s; it must return the nn.Module",
+                             descriptor, Py_TYPE(restored)->tp_name);
+            }
+            goto error;
+        }
+        Py_SETREF(model, restored);
+        restored = NULL;
+    }
+    if (PyErr_Occurred()) {
+        goto error;
+    }
+    if (PyList_GET_SIZE(sm->state) == 0) {
+        PyObject *built = init_if_model_like(st, model);
+        if (built == NULL) {
+            goto error;
+        }
+        Py_SETREF(model, built);
+    }
+    if (ensure_not_model_like(st, model) < 0) {
+        goto error;
+    }
+    result = Py_NewRef(model);
+error:
+    Py_XDECREF(model);
+    Py_XDECREF(entries);
+    Py_XDECREF(version);
+    Py_XDECREF(modes);
+    Py_XDECREF(restore_fn);
+    Py_XDECREF(restored);
+    Py_XDECREF(sm);
+    return result;
+}
+
+PyDoc_STRVAR(restore_from_modelopt_state_doc,
+"restore_from_modelopt_state(model, modelopt_state=None, modelopt_state_path=None) -> nn.Module\n\n"
+"Replay the recorded modes on a fresh model: initialise its state, load the given\n"
+"state (every config validates, mode order is checked), then call each mode's\n"
+"restore.  Give exactly one of modelopt_state / modelopt_state_path.  The weights\n"
+"are the model's own; load them afterwards (or use restore()).");
+
+static PyObject *
+conversion_restore_from_modelopt_state(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"model", "modelopt_state", "modelopt_state_path", NULL};
+    PyObject *model, *state = Py_None, *path = Py_None, *loaded = NULL, *result;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|OO:restore_from_modelopt_state", kwlist, &model, &state,
+                                     &path)) {
+        return NULL;
+    }
+    GET_STATE(module);
+    if ((state == Py_None) == (path == Py_None)) {
+        PyErr_SetString(PyExc_AssertionError,
+                        "Either modelopt_state or modelopt_state_path must be provided, but not both.");
+        return NULL;
+    }
+    if (path != Py_None) {
+        if ((loaded = load_modelopt_state_impl(st, path, NULL)) == NULL) {
+            return NULL;
+        }
+        state = loaded;
+    }
+    result = restore_from_state_impl(st, model, state);
+    Py_XDECREF(loaded);
+    return result;
+}
+
+/* Split off our own keyword `format` from torch's kwargs; new references. */
+static int
+split_format(PyObject *kwargs, PyObject **format, PyObject **rest)
+{
+    *format = NULL;
+    *rest = kwargs != NULL ? PyDict_Copy(kwargs) : PyDict_New();
+    if (*rest == NULL) {
+        return -1;
+    }
+    PyObject *key = PyUnicode_FromString("format");
+    if (key == NULL) {
+        return -1;
+    }
+    int r = PyDict_GetItemRef(*rest, key, format);
+    if (r > 0) {
+        r = PyDict_DelItem(*rest, key);
+    }
+    Py_DECREF(key);
+    if (*format == NULL) {
+        *format = Py_NewRef(Py_None);
+    }
+    return r < 0 ? -1 : 0;
+}
+
+PyDoc_STRVAR(save_doc,
+"save(model, f, *, format=None, **kwargs)\n\n"
+"Save the model's weights with its modelopt state so restore() rebuilds it.\n\n"
+"f: a path or a binary file object.  format: 'torch' (the default; the exact file\n"
+"nvidia-modelopt writes, kwargs go to torch.save) or 'safetensors' (the default for\n"
+"paths ending in .safetensors).  A path is written to a temporary file in the same\n"
+"folder, fsynced and renamed over the target: a crash leaves the old file or the\n"
+"new one, never a broken one.  A wrapped model (DataParallel, DDP, FSDP) is\n"
+"unwrapped with a warning.");
+
+static PyObject *
+conversion_save(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    PyObject *model_arg, *f, *format = NULL, *rest = NULL, *model = NULL, *state = NULL, *weights = NULL,
+                             *result = NULL;
+    if (!PyArg_ParseTuple(args, "OO:save", &model_arg, &f)) {
+        return NULL;
+    }
+    GET_STATE(module);
+    if (split_format(kwargs, &format, &rest) < 0 || (model = unwrap(st, model_arg, "warn")) == NULL ||
+        (state = conversion_modelopt_state_impl(st, model)) == NULL ||
+        (weights = PyObject_CallMethodNoArgs(model, st->s_state_dict)) == NULL) {
+        goto error;
+    }
+    PyObject *call[5] = {f, state, weights, format, rest};
+    result = ckpt_save(st, call);
+error:
+    Py_XDECREF(format);
+    Py_XDECREF(rest);
+    Py_XDECREF(model);
+    Py_XDECREF(state);
+    Py_XDECREF(weights);
+    return result;
+}
+
+PyDoc_STRVAR(restore_doc,
+"restore(model, f, **kwargs) -> nn.Module\n\n"
+"Load a checkpoint written by save() (either format, told apart by the file's first\n"
+"bytes, not its name; nvidia-modelopt's files too), replay its modes on `model`\n"
+"and copy the weights into the model's own tensors, in place, one by one.\n\n"
+"Safe by default: torch-format files load with weights_only=True semantics (no code\n"
+"from the file runs; pass weights_only=False yourself only for a trusted file), and\n"
+"paths are memory-mapped, so the peak memory is the model plus one tensor.  A model\n"
+"built on the meta device gets its tensors straight from the file.  map_location\n"
+"defaults to 'cpu'.  Missing or unexpected keys raise RuntimeError listing them.\n"
+"Restore into the unwrapped model (a wrapped one raises ValueError), then wrap it.");
+
+static PyObject *
+conversion_restore(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    PyObject *model_arg, *f, *model = NULL, *unwrapped = NULL, *kw = NULL, *loaded = NULL, *restored = NULL,
+                             *result = NULL;
+    if (!PyArg_ParseTuple(args, "OO:restore", &model_arg, &f)) {
+        return NULL;
+    }
+    GET_STATE(module);
+    if ((model = as_module(st, model_arg)) == NULL || (unwrapped = unwrap(st, model, "raise")) == NULL ||
+        (kw = kwargs != NULL ? PyDict_Copy(kwargs) : PyDict_New()) == NULL) {
+        goto error;
+    }
+    PyObject *call[2] = {f, kw};
+    if ((loaded = runtime_call(st, "load_checkpoint", call, 2)) == NULL) {
+        goto error;
+    }
+    /* loaded is (modelopt_state, state_dict), validated by load_checkpoint */
+    if ((restored = restore_from_state_impl(st, unwrapped, PyTuple_GET_ITEM(loaded, 0))) == NULL ||
+        ckpt_load_weights(st, restored, PyTuple_GET_ITEM(loaded, 1), f) < 0 ||
+        ensure_not_model_like(st, restored) < 0) {
+        goto error;
+    }
+    result = Py_NewRef(restored);
+error:
+    Py_XDECREF(model);
+    Py_XDECREF(unwrapped);
+    Py_XDECREF(kw);
+    Py_XDECREF(loaded);
+    Py_XDECREF(restored);
+    return result;
+}
+
+PyMethodDef conversion_methods[] = {
+    {"apply_mode", (PyCFunction)(void (*)(void))conversion_apply_mode, METH_VARARGS | METH_KEYWORDS,
+     apply_mode_doc},
+    {"modelopt_state", (PyCFunction)conversion_modelopt_state, METH_O, modelopt_state_doc},
+    {"get_mode", (PyCFunction)conversion_get_mode, METH_O, get_mode_doc},
+    {"load_modelopt_state", (PyCFunction)(void (*)(void))conversion_load_modelopt_state,
+     METH_VARARGS | METH_KEYWORDS, load_modelopt_state_doc},
+    {"restore_from_modelopt_state", (PyCFunction)(void (*)(void))conversion_restore_from_modelopt_state,
+     METH_VARARGS | METH_KEYWORDS, restore_from_modelopt_state_doc},
+    {"save", (PyCFunction)(void (*)(void))conversion_save, METH_VARARGS | METH_KEYWORDS, save_doc},
+    {"restore", (PyCFunction)(void (*)(void))conversion_restore, METH_VARARGS | METH_KEYWORDS, restore_doc},
+    {NULL, NULL, 0, NULL},
+};

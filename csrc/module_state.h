@@ -69,4 +69,11 @@ PyObject *runtime_call(ModuleState *st, const char *name, PyObject *const *args,
 extern PyType_Spec state_manager_spec;
 extern PyMethodDef conversion_methods[];   /* conversion.c */
 
+/* checkpoint.c, for conversion.c.  ckpt_save: call = {f, modelopt_state, state_dict,
+ * format or None, torch.save kwargs}; returns None.  ckpt_load_weights copies
+ * `state_dict` into the model's own tensors in place (strict); `source` names the
+ * file in errors. */
+PyObject *ckpt_save(ModuleState *st, PyObject *const *call);
+int ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObject *source);
+
 #endif

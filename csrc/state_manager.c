@@ -1,3 +1,1157 @@
-#include "module_state.h"
-static PyType_Slot slots[] = {{0, NULL}};
-PyType_Spec state_manager_spec = {"modelopt_c.ModeloptStateManager", 0, 0, Py_TPFLAGS_DEFAULT, slots};
+/* ModeloptStateManager: the record of which modes ran on a model, kept on the root
+ * module as `_modelopt_state` / `_modelopt_state_version` (SPEC §2, §5).  Modes and
+ * configs stay Python objects; this file does the bookkeeping around them. */
+#include "state_manager.h"
+
+#include <stdarg.h>
+#include <structmember.h>
+
+void
+sm_add_note(const char *format, ...)
+{
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    va_list va;
+    va_start(va, format);
+    PyObject *note = PyUnicode_FromFormatV(format, va);
+    va_end(va);
+    if (note != NULL && value != NULL) {
+        PyObject *res = PyObject_CallMethod(value, "add_note", "O", note);
+        if (res == NULL) {
+            PyErr_Clear();
+        }
+        Py_XDECREF(res);
+    }
+    else {
+        PyErr_Clear();
+    }
+    Py_XDECREF(note);
+    if (tb != NULL && value != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    PyErr_Restore(type, value, tb);
+}
+
+/* ---- finding the state in a module tree --------------------------------------- */
+
+/* Whether `module` has the state attribute: in its instance dict or on its class
+ * (what hasattr() sees for an nn.Module), without raising AttributeErrors. */
+static int
+module_has_state(ModuleState *st, PyObject *module, PyObject *dict)
+{
+    if (dict != NULL) {
+        int r = PyDict_Contains(dict, st->s_state_key);
+        if (r != 0) {
+            return r;
+        }
+    }
+    PyObject *mro = Py_TYPE(module)->tp_mro;
+    if (mro == NULL) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
+        PyObject *base_dict = ((PyTypeObject *)PyTuple_GET_ITEM(mro, i))->tp_dict;
+        if (base_dict != NULL) {
+            int r = PyDict_Contains(base_dict, st->s_state_key);
+            if (r != 0) {
+                return r;
+            }
+        }
+    }
+    return 0;
+}
+
+/* A new reference to the instance __dict__ of `obj`, or NULL without error if none. */
+static PyObject *
+instance_dict(PyObject *obj)
+{
+    PyObject *dict = PyObject_GenericGetDict(obj, NULL);
+    if (dict == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+    }
+    return dict;
+}
+
+int
+sm_is_converted(ModuleState *st, PyObject *model, int is_root)
+{
+    PyObject *seen = NULL, *stack = NULL, *module = NULL, *dict = NULL, *children = NULL;
+    int found = 0, root_has_state = 0, result = -1;
+
+    int ok = PyObject_IsInstance(model, st->nn_Module);
+    if (ok <= 0) {
+        if (ok == 0) {
+            PyErr_Format(PyExc_TypeError,
+                         "expected a torch.nn.Module, got %.200s; build the model first "
+                         "(or pass it to apply_mode/restore, which accept model-like recipes)",
+                         Py_TYPE(model)->tp_name);
+        }
+        return -1;
+    }
+    if ((seen = PySet_New(NULL)) == NULL || (stack = PyList_New(0)) == NULL ||
+        PyList_Append(stack, model) < 0) {
+        goto error;
+    }
+    /* Depth-first walk of `_modules`, as named_modules() does (each module once). */
+    while (PyList_GET_SIZE(stack) > 0) {
+        Py_ssize_t last = PyList_GET_SIZE(stack) - 1;
+        module = Py_NewRef(PyList_GET_ITEM(stack, last));
+        if (PyList_SetSlice(stack, last, last + 1, NULL) < 0) {
+            goto error;
+        }
+        int dup = PySet_Contains(seen, module);
+        if (dup < 0 || (dup == 0 && PySet_Add(seen, module) < 0)) {
+            goto error;
+        }
+        if (dup) {
+            Py_CLEAR(module);
+            continue;
+        }
+        dict = instance_dict(module);
+        if (dict == NULL && PyErr_Occurred()) {
+            goto error;
+        }
+        int has = module_has_state(st, module, dict);
+        if (has < 0) {
+            goto error;
+        }
+        if (has) {
+            if (++found > 1) {
+                PyErr_SetString(PyExc_AssertionError, "Model has multiple modelopt states!");
+                goto error;
+            }
+            root_has_state = module == model;
+        }
+        if (dict != NULL && PyDict_GetItemRef(dict, st->s_modules, &children) < 0) {
+            goto error;
+        }
+        if (children != NULL && PyDict_Check(children)) {
+            Py_ssize_t pos = 0;
+            PyObject *key, *child;
+            while (PyDict_Next(children, &pos, &key, &child)) {
+                if (child != Py_None && PyList_Append(stack, child) < 0) {
+                    goto error;
+                }
+            }
+        }
+        Py_CLEAR(children);
+        Py_CLEAR(dict);
+        Py_CLEAR(module);
+    }
+    if (found && is_root && !root_has_state) {
+        PyErr_SetString(PyExc_AssertionError, "Model has modelopt state but not the root!");
+        goto error;
+    }
+    result = found;
+error:
+    Py_XDECREF(children);
+    Py_XDECREF(dict);
+    Py_XDECREF(module);
+    Py_XDECREF(stack);
+    Py_XDECREF(seen);
+    return result;
+}
+
+/* ---- construction --------------------------------------------------------------- */
+
+static StateManager *
+sm_alloc(ModuleState *st, PyTypeObject *type)
+{
+    (void)st;
+    return (StateManager *)type->tp_alloc(type, 0);
+}
+
+static int
+sm_init(ModuleState *st, StateManager *self, PyObject *model, int init_state)
+{
+    PyObject *fake = NULL, *state = NULL, *version_list = NULL, *version = NULL;
+    int result = -1;
+
+    int falsy = model == NULL ? 1 : PyObject_Not(model);
+    if (falsy < 0) {
+        goto error;
+    }
+    if (falsy) {
+        if ((fake = PyObject_CallNoArgs(st->nn_Module)) == NULL) {
+            goto error;
+        }
+        model = fake;
+        init_state = 1;
+    }
+    if (init_state) {
+        PyObject *existing = NULL;
+        int has = PyObject_GetOptionalAttr(model, st->s_state_key, &existing);
+        Py_XDECREF(existing);
+        if (has < 0) {
+            goto error;
+        }
+        if (has) {
+            PyErr_SetString(PyExc_AssertionError, "Model already has modelopt state!");
+            goto error;
+        }
+        if ((version = runtime_call(st, "state_version", NULL, 0)) == NULL ||
+            (state = PyList_New(0)) == NULL ||
+            (version_list = PyList_New(1)) == NULL) {
+            goto error;
+        }
+        PyList_SET_ITEM(version_list, 0, Py_NewRef(version));
+        if (PyObject_SetAttr(model, st->s_state_key, state) < 0 ||
+            PyObject_SetAttr(model, st->s_version_key, version_list) < 0) {
+            goto error;
+        }
+        Py_CLEAR(state);
+        Py_CLEAR(version_list);
+    }
+    int converted = sm_is_converted(st, model, 1);
+    if (converted < 0) {
+        goto error;
+    }
+    if (!converted) {
+        PyErr_SetString(PyExc_AssertionError, "Model must have modelopt state!");
+        goto error;
+    }
+    if ((state = PyObject_GetAttr(model, st->s_state_key)) == NULL ||
+        (version_list = PyObject_GetAttr(model, st->s_version_key)) == NULL) {
+        goto error;
+    }
+    Py_XSETREF(self->state, state);
+    Py_XSETREF(self->version, version_list);
+    state = version_list = NULL;
+    result = 0;
+error:
+    Py_XDECREF(fake);
+    Py_XDECREF(state);
+    Py_XDECREF(version_list);
+    Py_XDECREF(version);
+    return result;
+}
+
+StateManager *
+sm_new(ModuleState *st, PyObject *model, int init_state)
+{
+    StateManager *self = sm_alloc(st, st->StateManagerType);
+    if (self == NULL) {
+        return NULL;
+    }
+    if (sm_init(st, self, model, init_state) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return self;
+}
+
+static PyObject *
+sm_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"model", "init_state", NULL};
+    PyObject *model = Py_None;
+    int init_state = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|Op:ModeloptStateManager", kwlist, &model,
+                                     &init_state)) {
+        return NULL;
+    }
+    ModuleState *st = module_state_from_type(type);
+    if (st == NULL) {
+        return NULL;
+    }
+    StateManager *self = sm_alloc(st, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    if (sm_init(st, self, model == Py_None ? NULL : model, init_state) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+sm_traverse(StateManager *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->state);
+    Py_VISIT(self->version);
+    return 0;
+}
+
+static int
+sm_clear(StateManager *self)
+{
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->version);
+    return 0;
+}
+
+static void
+sm_dealloc(StateManager *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    (void)sm_clear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+/* ---- descriptors and configs ---------------------------------------------------- */
+
+PyObject *
+sm_descriptor(ModuleState *st, PyObject *mode)
+{
+    return runtime_call(st, "get_from_any", &mode, 1);
+}
+
+PyObject *
+sm_config_object(ModuleState *st, PyObject *mode, PyObject *config)
+{
+    PyObject *descriptor = NULL, *cls = NULL, *kwargs = NULL, *empty = NULL, *result = NULL;
+
+    if ((descriptor = sm_descriptor(st, mode)) == NULL ||
+        (cls = PyObject_GetAttr(descriptor, st->s_config_class)) == NULL) {
+        goto error;
+    }
+    if (config == Py_None) {
+        kwargs = PyDict_New();
+    }
+    else if (PyDict_Check(config)) {
+        kwargs = Py_NewRef(config);
+    }
+    else if ((kwargs = PyDict_New()) != NULL && PyDict_Merge(kwargs, config, 1) < 0) {
+        Py_CLEAR(kwargs);
+        PyErr_Format(PyExc_TypeError, "the config of mode '%S' must be a mapping, got %.200s",
+                     descriptor, Py_TYPE(config)->tp_name);
+        goto error;
+    }
+    if (kwargs == NULL || (empty = PyTuple_New(0)) == NULL) {
+        goto error;
+    }
+    result = PyObject_Call(cls, empty, kwargs);
+    if (result == NULL) {
+        sm_add_note("while validating the config of mode '%S' (%S)", descriptor, cls);
+    }
+error:
+    Py_XDECREF(descriptor);
+    Py_XDECREF(cls);
+    Py_XDECREF(kwargs);
+    Py_XDECREF(empty);
+    return result;
+}
+
+/* Borrowed (name, mode_state) of entry `i`, validated; sets an error naming the entry. */
+static int
+sm_entry(ModuleState *st, PyObject *entry, Py_ssize_t i, PyObject **name, PyObject **mstate)
+{
+    if (!(PyTuple_Check(entry) || PyList_Check(entry)) || PySequence_Fast_GET_SIZE(entry) != 2) {
+        PyErr_Format(PyExc_ValueError,
+                     "modelopt state entry %zd: expected a (mode_name, {'config': ..., "
+                     "'metadata': ...}) pair, got %.200s",
+                     i, Py_TYPE(entry)->tp_name);
+        return -1;
+    }
+    *name = PySequence_Fast_GET_ITEM(entry, 0);
+    *mstate = PySequence_Fast_GET_ITEM(entry, 1);
+    if (!PyUnicode_Check(*name)) {
+        PyErr_Format(PyExc_TypeError, "modelopt state entry %zd: the mode name must be a str, got %.200s",
+                     i, Py_TYPE(*name)->tp_name);
+        return -1;
+    }
+    if (!PyDict_Check(*mstate)) {
+        PyErr_Format(PyExc_TypeError,
+                     "modelopt state entry %zd (mode '%U'): expected a dict with 'config' and "
+                     "'metadata', got %.200s",
+                     i, *name, Py_TYPE(*mstate)->tp_name);
+        return -1;
+    }
+    PyObject *keys[2] = {st->s_config, st->s_metadata};
+    for (int k = 0; k < 2; k++) {
+        int has = PyDict_Contains(*mstate, keys[k]);
+        if (has <= 0) {
+            if (has == 0) {
+                PyErr_Format(PyExc_KeyError, "modelopt state entry %zd (mode '%U') has no '%U'", i, *name,
+                             keys[k]);
+            }
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Borrowed name and mode state of the last entry; 0 when the state is empty. */
+static int
+sm_last_entry(ModuleState *st, StateManager *sm, PyObject **name, PyObject **mstate)
+{
+    Py_ssize_t n = PyList_GET_SIZE(sm->state);
+    if (n == 0) {
+        return 0;
+    }
+    return sm_entry(st, PyList_GET_ITEM(sm->state, n - 1), n - 1, name, mstate) < 0 ? -1 : 1;
+}
+
+/* ---- the export stack and the next-mode rules ------------------------------------ */
+
+/* New list of (mode, export_mode) str pairs still waiting for their export mode. */
+static PyObject *
+sm_export_stack(ModuleState *st, StateManager *sm)
+{
+    PyObject *stack = PyList_New(0), *descriptor = NULL, *export_mode = NULL, *is_export = NULL,
+             *name = NULL, *pair = NULL;
+    if (stack == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(sm->state); i++) {
+        PyObject *entry_name, *mstate;
+        if (sm_entry(st, PyList_GET_ITEM(sm->state, i), i, &entry_name, &mstate) < 0 ||
+            (descriptor = sm_descriptor(st, entry_name)) == NULL ||
+            (export_mode = PyObject_GetAttr(descriptor, st->s_export_mode)) == NULL ||
+            (name = PyObject_Str(descriptor)) == NULL) {
+            goto error;
+        }
+        if (export_mode != Py_None) {
+            if ((pair = PyTuple_Pack(2, name, export_mode)) == NULL || PyList_Append(stack, pair) < 0) {
+                goto error;
+            }
+            Py_CLEAR(pair);
+        }
+        else {
+            if ((is_export = PyObject_GetAttr(descriptor, st->s_is_export_mode)) == NULL) {
+                goto error;
+            }
+            int exporting = PyObject_IsTrue(is_export);
+            if (exporting < 0) {
+                goto error;
+            }
+            if (exporting) {
+                Py_ssize_t n = PyList_GET_SIZE(stack);
+                int match = n > 0 ? PyObject_RichCompareBool(
+                                        name, PyTuple_GET_ITEM(PyList_GET_ITEM(stack, n - 1), 1), Py_EQ)
+                                  : 0;
+                if (match < 0) {
+                    goto error;
+                }
+                if (!match) {
+                    PyErr_SetString(PyExc_AssertionError, "Inconsistent export stack!");
+                    goto error;
+                }
+                if (PyList_SetSlice(stack, n - 1, n, NULL) < 0) {
+                    goto error;
+                }
+            }
+            Py_CLEAR(is_export);
+        }
+        Py_CLEAR(descriptor);
+        Py_CLEAR(export_mode);
+        Py_CLEAR(name);
+    }
+    return stack;
+error:
+    Py_XDECREF(stack);
+    Py_XDECREF(descriptor);
+    Py_XDECREF(export_mode);
+    Py_XDECREF(is_export);
+    Py_XDECREF(name);
+    Py_XDECREF(pair);
+    return NULL;
+}
+
+static int
+assert_next_mode(PyObject *descriptor, PyObject *previous)
+{
+    PyObject *res = PyObject_CallMethod(descriptor, "assert_compatibility_as_next_mode_of", "O", previous);
+    Py_XDECREF(res);
+    return res == NULL ? -1 : 0;
+}
+
+int
+sm_check_mode(ModuleState *st, StateManager *sm, PyObject *mode)
+{
+    PyObject *descriptor = NULL, *stack = NULL, *is_export = NULL, *name = NULL, *shown = NULL,
+             *last = NULL, *top = NULL;
+    int result = -1;
+
+    if ((descriptor = sm_descriptor(st, mode)) == NULL || (stack = sm_export_stack(st, sm)) == NULL ||
+        (is_export = PyObject_GetAttr(descriptor, st->s_is_export_mode)) == NULL ||
+        (name = PyObject_Str(descriptor)) == NULL) {
+        goto error;
+    }
+    Py_ssize_t depth = PyList_GET_SIZE(stack);
+    int exporting = PyObject_IsTrue(is_export);
+    if (exporting < 0) {
+        goto error;
+    }
+    if (exporting) {
+        int match = depth > 0 ? PyObject_RichCompareBool(
+                                    name, PyTuple_GET_ITEM(PyList_GET_ITEM(stack, depth - 1), 1), Py_EQ)
+                              : 0;
+        if (match < 0) {
+            goto error;
+        }
+        if (!match) {
+            if ((shown = PyObject_CallOneArg(st->deque, stack)) != NULL) {
+                PyErr_Format(PyExc_AssertionError, "Cannot add %U according to the current export stack: %S.",
+                             name, shown);
+            }
+            goto error;
+        }
+    }
+    PyObject *last_name, *last_state;
+    int has_last = sm_last_entry(st, sm, &last_name, &last_state);
+    if (has_last < 0) {
+        goto error;
+    }
+    if (has_last) {
+        if ((last = sm_descriptor(st, last_name)) == NULL || assert_next_mode(descriptor, last) < 0) {
+            goto error;
+        }
+    }
+    if (depth > 0) {
+        if ((top = sm_descriptor(st, PyTuple_GET_ITEM(PyList_GET_ITEM(stack, depth - 1), 0))) == NULL ||
+            assert_next_mode(descriptor, top) < 0) {
+            goto error;
+        }
+    }
+    result = 0;
+error:
+    Py_XDECREF(descriptor);
+    Py_XDECREF(stack);
+    Py_XDECREF(is_export);
+    Py_XDECREF(name);
+    Py_XDECREF(shown);
+    Py_XDECREF(last);
+    Py_XDECREF(top);
+    return result;
+}
+
+int
+sm_add_mode(ModuleState *st, StateManager *sm, PyObject *mode, PyObject *config, PyObject *metadata)
+{
+    PyObject *descriptor = NULL, *name = NULL, *dumped = NULL, *mstate = NULL, *entry = NULL;
+    int result = -1;
+
+    if ((descriptor = sm_descriptor(st, mode)) == NULL || sm_check_mode(st, sm, descriptor) < 0 ||
+        (name = PyObject_Str(descriptor)) == NULL ||
+        (dumped = PyObject_CallMethodNoArgs(config, st->s_model_dump)) == NULL ||
+        (mstate = PyDict_New()) == NULL || PyDict_SetItem(mstate, st->s_config, dumped) < 0 ||
+        PyDict_SetItem(mstate, st->s_metadata, metadata) < 0 ||
+        (entry = PyTuple_Pack(2, name, mstate)) == NULL || PyList_Append(sm->state, entry) < 0) {
+        goto error;
+    }
+    result = 0;
+error:
+    Py_XDECREF(descriptor);
+    Py_XDECREF(name);
+    Py_XDECREF(dumped);
+    Py_XDECREF(mstate);
+    Py_XDECREF(entry);
+    return result;
+}
+
+int
+sm_update_last(ModuleState *st, StateManager *sm, PyObject *model, PyObject *entry_point)
+{
+    PyObject *name, *mstate, *descriptor = NULL, *config = NULL, *fn = NULL, *res = NULL,
+                             *dumped = NULL, *cfg_dict = NULL, *metadata = NULL;
+    int result = -1;
+
+    int has_last = sm_last_entry(st, sm, &name, &mstate);
+    if (has_last <= 0) {
+        return has_last;
+    }
+    Py_INCREF(mstate); /* the entry point may edit the state list */
+    if (PyDict_GetItemRef(mstate, st->s_config, &cfg_dict) < 0 ||
+        PyDict_GetItemRef(mstate, st->s_metadata, &metadata) < 0 ||
+        (descriptor = sm_descriptor(st, name)) == NULL ||
+        (config = sm_config_object(st, name, cfg_dict)) == NULL ||
+        (fn = PyObject_GetAttr(descriptor, entry_point)) == NULL) {
+        goto error;
+    }
+    PyObject *args[3] = {model, config, metadata};
+    if ((res = PyObject_Vectorcall(fn, args, 3, NULL)) == NULL ||
+        (dumped = PyObject_CallMethodNoArgs(config, st->s_model_dump)) == NULL ||
+        PyDict_SetItem(mstate, st->s_config, dumped) < 0) {
+        goto error;
+    }
+    result = 0;
+error:
+    Py_DECREF(mstate);
+    Py_XDECREF(cfg_dict);
+    Py_XDECREF(metadata);
+    Py_XDECREF(descriptor);
+    Py_XDECREF(config);
+    Py_XDECREF(fn);
+    Py_XDECREF(res);
+    Py_XDECREF(dumped);
+    return result;
+}
+
+/* Whether two version strings differ in their first two dot-separated parts. */
+static int
+versions_differ(PyObject *a, PyObject *b)
+{
+    PyObject *pa = NULL, *pb = NULL, *dot = NULL;
+    int result = -1;
+    if ((dot = PyUnicode_FromString(".")) == NULL || (pa = PyUnicode_Split(a, dot, 2)) == NULL ||
+        (pb = PyUnicode_Split(b, dot, 2)) == NULL) {
+        goto error;
+    }
+    Py_ssize_t na = PyList_GET_SIZE(pa) < 2 ? PyList_GET_SIZE(pa) : 2;
+    Py_ssize_t nb = PyList_GET_SIZE(pb) < 2 ? PyList_GET_SIZE(pb) : 2;
+    result = na != nb;
+    for (Py_ssize_t i = 0; !result && i < na; i++) {
+        int eq = PyObject_RichCompareBool(PyList_GET_ITEM(pa, i), PyList_GET_ITEM(pb, i), Py_EQ);
+        if (eq < 0) {
+            result = -1;
+            goto error;
+        }
+        result = !eq;
+    }
+error:
+    Py_XDECREF(dot);
+    Py_XDECREF(pa);
+    Py_XDECREF(pb);
+    return result;
+}
+
+int
+sm_load_state_dict(ModuleState *st, StateManager *sm, PyObject *state_dict, PyObject *version)
+{
+    PyObject *current = NULL, *copy = NULL, *entries = NULL, *config = NULL;
+    int result = -1, appended = 0;
+
+    if (PyList_GET_SIZE(sm->state) > 0) {
+        PyErr_SetString(PyExc_AssertionError, "Cannot load state_dict if there is already one.");
+        return -1;
+    }
+    if ((current = runtime_call(st, "state_version", NULL, 0)) == NULL) {
+        goto error;
+    }
+    if (version == NULL || version == Py_None) {
+        version = current;
+    }
+    else if (!PyUnicode_Check(version)) {
+        PyErr_Format(PyExc_TypeError, "the modelopt state version must be a str, got %.200s",
+                     Py_TYPE(version)->tp_name);
+        goto error;
+    }
+    else {
+        int differ = versions_differ(version, current);
+        if (differ < 0 ||
+            (differ && PyErr_WarnFormat(PyExc_UserWarning, 1,
+                                        "The checkpoint is stored with version %U, but current version is "
+                                        "%U. Compatibility of checkpoint with current version is not "
+                                        "guaranteed!",
+                                        version, current) < 0)) {
+            goto error;
+        }
+    }
+    if (!PyList_Check(state_dict) && !PyTuple_Check(state_dict)) {
+        PyErr_Format(PyExc_TypeError, "the modelopt state must be a list of (mode_name, mode_state) pairs, got %.200s",
+                     Py_TYPE(state_dict)->tp_name);
+        goto error;
+    }
+    if ((copy = PyObject_CallOneArg(st->deepcopy, state_dict)) == NULL ||
+        (entries = PySequence_List(copy)) == NULL) {
+        goto error;
+    }
+    appended = 1;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(entries); i++) {
+        PyObject *name, *mstate;
+        if (sm_entry(st, PyList_GET_ITEM(entries, i), i, &name, &mstate) < 0) {
+            goto error;
+        }
+        PyObject *cfg = PyDict_GetItemWithError(mstate, st->s_config);
+        PyObject *metadata = cfg ? PyDict_GetItemWithError(mstate, st->s_metadata) : NULL;
+        if (metadata == NULL) {
+            goto error;
+        }
+        if ((config = sm_config_object(st, name, cfg)) == NULL) {
+            sm_add_note("in modelopt state entry %zd", i);
+            goto error;
+        }
+        if (sm_add_mode(st, sm, name, config, metadata) < 0) {
+            sm_add_note("in modelopt state entry %zd", i);
+            goto error;
+        }
+        Py_CLEAR(config);
+    }
+    /* the state is then exactly the given entries (tuples stay tuples), and the version */
+    if (PyList_SetSlice(sm->state, 0, PyList_GET_SIZE(sm->state), entries) < 0 ||
+        PyList_SetItem(sm->version, 0, Py_NewRef(version)) < 0) {
+        goto error;
+    }
+    result = 0;
+error:
+    if (result < 0 && appended) {
+        /* leave the model as it was: nothing half-loaded */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        (void)PyList_SetSlice(sm->state, 0, PyList_GET_SIZE(sm->state), NULL);
+        PyErr_Restore(type, value, tb);
+    }
+    Py_XDECREF(current);
+    Py_XDECREF(copy);
+    Py_XDECREF(entries);
+    Py_XDECREF(config);
+    return result;
+}
+
+int
+sm_transfer(ModuleState *st, PyObject *model_from, PyObject *model_to)
+{
+    StateManager *from = NULL, *to = NULL, *check = NULL;
+    int result = -1;
+
+    if ((from = sm_new(st, model_from, 0)) == NULL || (to = sm_new(st, model_to, 1)) == NULL) {
+        goto error;
+    }
+    if (sm_load_state_dict(st, to, from->state, PyList_GET_ITEM(from->version, 0)) < 0) {
+        /* undo the fresh, empty state so model_to is as it was */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (PyObject_DelAttr(model_to, st->s_state_key) < 0 || PyObject_DelAttr(model_to, st->s_version_key) < 0) {
+            PyErr_Clear();
+        }
+        PyErr_Restore(type, value, tb);
+        goto error;
+    }
+    if (PyObject_SetAttr(model_to, st->s_state_key, from->state) < 0 ||
+        (check = sm_new(st, model_to, 0)) == NULL || PyObject_DelAttr(model_from, st->s_state_key) < 0) {
+        goto error;
+    }
+    result = 0;
+error:
+    Py_XDECREF(from);
+    Py_XDECREF(to);
+    Py_XDECREF(check);
+    return result;
+}
+
+/* ---- Python methods --------------------------------------------------------------- */
+
+#define MODULE_STATE_OR_NULL(type)                              \
+    ModuleState *st = module_state_from_type((PyTypeObject *)(type)); \
+    if (st == NULL) {                                           \
+        return NULL;                                            \
+    }
+
+PyDoc_STRVAR(is_converted_doc,
+"is_converted(model, is_root=False) -> bool\n\n"
+"Whether some module of `model` carries modelopt state.  Raises AssertionError when\n"
+"several modules do, or, with is_root=True, when the one that does is not the root.");
+
+static PyObject *
+sm_py_is_converted(PyObject *cls, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"model", "is_root", NULL};
+    PyObject *model;
+    int is_root = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|p:is_converted", kwlist, &model, &is_root)) {
+        return NULL;
+    }
+    MODULE_STATE_OR_NULL(cls);
+    int r = sm_is_converted(st, model, is_root);
+    return r < 0 ? NULL : PyBool_FromLong(r);
+}
+
+PyDoc_STRVAR(state_dict_doc, "state_dict() -> list\n\nThe state list itself (a reference, not a copy).");
+
+static PyObject *
+sm_py_state_dict(StateManager *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_NewRef(self->state);
+}
+
+PyDoc_STRVAR(load_state_dict_doc,
+"load_state_dict(state_dict, version=None)\n\n"
+"Load a list of (mode_name, {'config', 'metadata'}) entries into this empty manager:\n"
+"each entry is replayed through add_mode (configs validate, mode order is checked),\n"
+"then the state equals the given entries.  On error nothing is loaded.  Warns when\n"
+"`version` differs from the current one in major.minor.");
+
+static PyObject *
+sm_py_load_state_dict(StateManager *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"state_dict", "version", NULL};
+    PyObject *state_dict, *version = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:load_state_dict", kwlist, &state_dict, &version)) {
+        return NULL;
+    }
+    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    if (sm_load_state_dict(st, self, state_dict, version) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(transfer_state_dict_doc,
+"transfer_state_dict(model_from, model_to)\n\n"
+"Move the state (the same list object) from `model_from` to `model_to`, which must\n"
+"have none; afterwards `model_from` has none.");
+
+static PyObject *
+sm_py_transfer_state_dict(PyObject *cls, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"model_from", "model_to", NULL};
+    PyObject *model_from, *model_to;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO:transfer_state_dict", kwlist, &model_from, &model_to)) {
+        return NULL;
+    }
+    MODULE_STATE_OR_NULL(cls);
+    if (sm_transfer(st, model_from, model_to) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(has_state_for_mode_type_doc,
+"has_state_for_mode_type(mode_type, *, model=None, state=None) -> bool\n\n"
+"Whether the model's (or the given modelopt state's) modes include one of the\n"
+"registry named `mode_type` (e.g. 'quantization').  Give exactly one of model/state.");
+
+static PyObject *
+sm_py_has_state_for_mode_type(PyObject *cls, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"mode_type", "model", "state", NULL};
+    PyObject *mode_type, *model = Py_None, *state = Py_None;
+    PyObject *owned_state = NULL, *registry = NULL, *entries = NULL, *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OO:has_state_for_mode_type", kwlist, &mode_type, &model,
+                                     &state)) {
+        return NULL;
+    }
+    MODULE_STATE_OR_NULL(cls);
+    int has_model = PyObject_IsTrue(model), has_state = PyObject_IsTrue(state);
+    if (has_model < 0 || has_state < 0) {
+        return NULL;
+    }
+    if (has_model == has_state) {
+        PyErr_SetString(PyExc_ValueError, "Must provide either model or state!");
+        return NULL;
+    }
+    if (has_model) {
+        if ((owned_state = conversion_modelopt_state_impl(st, model)) == NULL) {
+            goto error;
+        }
+        state = owned_state;
+    }
+    if ((registry = runtime_call(st, "get_registry_by_name", &mode_type, 1)) == NULL ||
+        (entries = PyObject_GetItem(state, st->s_modelopt_state_dict)) == NULL) {
+        goto error;
+    }
+    PyObject *fast = PySequence_Fast(entries, "'modelopt_state_dict' must be a list");
+    if (fast == NULL) {
+        goto error;
+    }
+    int any = 0;
+    for (Py_ssize_t i = 0; !any && i < PySequence_Fast_GET_SIZE(fast); i++) {
+        PyObject *name, *mstate;
+        if (sm_entry(st, PySequence_Fast_GET_ITEM(fast, i), i, &name, &mstate) < 0 ||
+            (any = PySequence_Contains(registry, name)) < 0) {
+            Py_DECREF(fast);
+            goto error;
+        }
+    }
+    Py_DECREF(fast);
+    result = PyBool_FromLong(any);
+error:
+    Py_XDECREF(owned_state);
+    Py_XDECREF(registry);
+    Py_XDECREF(entries);
+    return result;
+}
+
+PyDoc_STRVAR(remove_state_doc, "remove_state(model)\n\nDelete the state attribute from `model`.");
+
+static PyObject *
+sm_py_remove_state(PyObject *cls, PyObject *model)
+{
+    MODULE_STATE_OR_NULL(cls);
+    if (PyObject_DelAttr(model, st->s_state_key) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(modes_with_states_doc,
+"modes_with_states() -> iterator of (descriptor, config, metadata)\n\n"
+"Each recorded mode with its config rebuilt through the mode's config class.");
+
+static PyObject *
+sm_py_modes_with_states(StateManager *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *out = NULL, *descriptor = NULL, *config = NULL, *item = NULL, *iter = NULL;
+    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    if ((out = PyList_New(0)) == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(self->state); i++) {
+        PyObject *name, *mstate;
+        if (sm_entry(st, PyList_GET_ITEM(self->state, i), i, &name, &mstate) < 0) {
+            goto error;
+        }
+        PyObject *cfg = PyDict_GetItemWithError(mstate, st->s_config);
+        PyObject *metadata = cfg ? PyDict_GetItemWithError(mstate, st->s_metadata) : NULL;
+        if (metadata == NULL || (config = sm_config_object(st, name, cfg)) == NULL ||
+            (descriptor = sm_descriptor(st, name)) == NULL ||
+            (item = PyTuple_Pack(3, descriptor, config, metadata)) == NULL || PyList_Append(out, item) < 0) {
+            goto error;
+        }
+        Py_CLEAR(descriptor);
+        Py_CLEAR(config);
+        Py_CLEAR(item);
+    }
+    iter = PyObject_GetIter(out);
+error:
+    Py_XDECREF(out);
+    Py_XDECREF(descriptor);
+    Py_XDECREF(config);
+    Py_XDECREF(item);
+    return iter;
+}
+
+PyDoc_STRVAR(get_config_class_doc,
+"get_config_class(mode, config) -> ModeloptBaseConfig\n\n"
+"The mode's config class built from the `config` dict (validated).");
+
+static PyObject *
+sm_py_get_config_class(PyObject *cls, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"mode", "config", NULL};
+    PyObject *mode, *config;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO:get_config_class", kwlist, &mode, &config)) {
+        return NULL;
+    }
+    MODULE_STATE_OR_NULL(cls);
+    return sm_config_object(st, mode, config);
+}
+
+PyDoc_STRVAR(check_mode_doc,
+"check_mode(mode)\n\n"
+"Raise AssertionError when `mode` may not come next: the export stack, and the\n"
+"next_modes / next_prohibited_modes of the last mode and of the last mode waiting\n"
+"for its export.");
+
+static PyObject *
+sm_py_check_mode(StateManager *self, PyObject *mode)
+{
+    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    if (sm_check_mode(st, self, mode) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(add_mode_doc,
+"add_mode(mode, config, metadata)\n\n"
+"check_mode, then append (name, {'config': config.model_dump(), 'metadata': metadata}).");
+
+static PyObject *
+sm_py_add_mode(StateManager *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"mode", "config", "metadata", NULL};
+    PyObject *mode, *config, *metadata;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:add_mode", kwlist, &mode, &config, &metadata)) {
+        return NULL;
+    }
+    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    if (sm_add_mode(st, self, mode, config, metadata) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(update_new_doc,
+"update_last_state_before_new_mode(model)\n\n"
+"Run the last mode's update_for_new_mode(model, config, metadata) and store the config back.");
+
+static PyObject *
+sm_py_update_before_new_mode(StateManager *self, PyObject *model)
+{
+    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    if (sm_update_last(st, self, model, st->s_update_for_new_mode) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(update_save_doc,
+"update_last_state_before_save(model)\n\n"
+"Run the last mode's update_for_save(model, config, metadata) and store the config back.");
+
+static PyObject *
+sm_py_update_before_save(StateManager *self, PyObject *model)
+{
+    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    if (sm_update_last(st, self, model, st->s_update_for_save) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ---- properties ------------------------------------------------------------------- */
+
+static PyObject *
+sm_get_has_state(StateManager *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(PyList_GET_SIZE(self->state) > 0);
+}
+
+static PyObject *
+sm_get_state_version(StateManager *self, void *Py_UNUSED(closure))
+{
+    return PySequence_GetItem(self->version, 0);
+}
+
+static PyObject *
+sm_get_last_mode(StateManager *self, void *Py_UNUSED(closure))
+{
+    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    PyObject *name, *mstate;
+    int has_last = sm_last_entry(st, self, &name, &mstate);
+    if (has_last < 0) {
+        return NULL;
+    }
+    return has_last ? sm_descriptor(st, name) : Py_NewRef(Py_None);
+}
+
+static PyObject *
+sm_get_export_stack(StateManager *self, void *Py_UNUSED(closure))
+{
+    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    PyObject *stack = sm_export_stack(st, self);
+    if (stack == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_CallOneArg(st->deque, stack);
+    Py_DECREF(stack);
+    return result;
+}
+
+static PyObject *
+sm_get_last_metadata(StateManager *self, void *Py_UNUSED(closure))
+{
+    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    PyObject *name, *mstate;
+    int has_last = sm_last_entry(st, self, &name, &mstate);
+    if (has_last <= 0) {
+        if (has_last == 0) {
+            PyErr_SetString(PyExc_IndexError, "the model has no mode yet");
+        }
+        return NULL;
+    }
+    return PyObject_GetItem(mstate, st->s_metadata);
+}
+
+static PyObject *
+sm_get_last_config(StateManager *self, void *Py_UNUSED(closure))
+{
+    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    PyObject *name, *mstate, *cfg = NULL;
+    int has_last = sm_last_entry(st, self, &name, &mstate);
+    if (has_last <= 0) {
+        if (has_last == 0) {
+            PyErr_SetString(PyExc_IndexError, "the model has no mode yet");
+        }
+        return NULL;
+    }
+    if ((cfg = PyObject_GetItem(mstate, st->s_config)) == NULL) {
+        return NULL;
+    }
+    PyObject *result = sm_config_object(st, name, cfg);
+    Py_DECREF(cfg);
+    return result;
+}
+
+static int
+sm_set_last_config(StateManager *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    PyObject *name, *mstate;
+    if (st == NULL) {
+        return -1;
+    }
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_last_config cannot be deleted");
+        return -1;
+    }
+    int has_last = sm_last_entry(st, self, &name, &mstate);
+    if (has_last <= 0) {
+        if (has_last == 0) {
+            PyErr_SetString(PyExc_IndexError, "the model has no mode yet");
+        }
+        return -1;
+    }
+    PyObject *dumped = PyObject_CallMethodNoArgs(value, st->s_model_dump);
+    if (dumped == NULL) {
+        return -1;
+    }
+    int r = PyDict_SetItem(mstate, st->s_config, dumped);
+    Py_DECREF(dumped);
+    return r;
+}
+
+static PyMethodDef sm_methods[] = {
+    {"is_converted", (PyCFunction)(void (*)(void))sm_py_is_converted, METH_VARARGS | METH_KEYWORDS | METH_CLASS,
+     is_converted_doc},
+    {"state_dict", (PyCFunction)sm_py_state_dict, METH_NOARGS, state_dict_doc},
+    {"load_state_dict", (PyCFunction)(void (*)(void))sm_py_load_state_dict, METH_VARARGS | METH_KEYWORDS,
+     load_state_dict_doc},
+    {"transfer_state_dict", (PyCFunction)(void (*)(void))sm_py_transfer_state_dict,
+     METH_VARARGS | METH_KEYWORDS | METH_CLASS, transfer_state_dict_doc},
+    {"has_state_for_mode_type", (PyCFunction)(void (*)(void))sm_py_has_state_for_mode_type,
+     METH_VARARGS | METH_KEYWORDS | METH_CLASS, has_state_for_mode_type_doc},
+    {"remove_state", (PyCFunction)sm_py_remove_state, METH_O | METH_CLASS, remove_state_doc},
+    {"modes_with_states", (PyCFunction)sm_py_modes_with_states, METH_NOARGS, modes_with_states_doc},
+    {"get_config_class", (PyCFunction)(void (*)(void))sm_py_get_config_class,
+     METH_VARARGS | METH_KEYWORDS | METH_CLASS, get_config_class_doc},
+    {"check_mode", (PyCFunction)sm_py_check_mode, METH_O, check_mode_doc},
+    {"add_mode", (PyCFunction)(void (*)(void))sm_py_add_mode, METH_VARARGS | METH_KEYWORDS, add_mode_doc},
+    {"update_last_state_before_new_mode", (PyCFunction)sm_py_update_before_new_mode, METH_O, update_new_doc},
+    {"update_last_state_before_save", (PyCFunction)sm_py_update_before_save, METH_O, update_save_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef sm_getset[] = {
+    {"has_state", (getter)sm_get_has_state, NULL, "Whether any mode is recorded.", NULL},
+    {"state_version", (getter)sm_get_state_version, NULL, "The version string stored with the state.", NULL},
+    {"last_mode", (getter)sm_get_last_mode, NULL, "Descriptor of the last recorded mode, or None.", NULL},
+    {"_export_stack", (getter)sm_get_export_stack, NULL,
+     "deque of (mode, export_mode) pairs still waiting for their export mode.", NULL},
+    {"_last_metadata", (getter)sm_get_last_metadata, NULL, "Metadata of the last mode.", NULL},
+    {"_last_config", (getter)sm_get_last_config, (setter)sm_set_last_config,
+     "Config object of the last mode; assigning stores its model_dump().", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef sm_members[] = {
+    {"_state", T_OBJECT_EX, offsetof(StateManager, state), READONLY, "The state list (shared with the model)."},
+    {"_state_version", T_OBJECT_EX, offsetof(StateManager, version), READONLY,
+     "The one-element version list (shared with the model)."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+PyDoc_STRVAR(sm_doc,
+"ModeloptStateManager(model=None, init_state=False)\n\n"
+"The record of the modes applied to a model, kept on the model's root module as\n"
+"`_modelopt_state` (a list of (mode_name, {'config', 'metadata'})) and\n"
+"`_modelopt_state_version`.  The manager holds references to those lists, so what\n"
+"it changes, the model carries.  With no model (or a falsy one) a fresh nn.Module\n"
+"is used.  init_state=True creates the state and raises AssertionError if the model\n"
+"already has one; afterwards the root must hold state.");
+
+static PyType_Slot sm_slots[] = {
+    {Py_tp_doc, (void *)sm_doc},
+    {Py_tp_new, sm_tp_new},
+    {Py_tp_dealloc, sm_dealloc},
+    {Py_tp_traverse, sm_traverse},
+    {Py_tp_clear, sm_clear},
+    {Py_tp_methods, sm_methods},
+    {Py_tp_getset, sm_getset},
+    {Py_tp_members, sm_members},
+    {0, NULL},
+};
+
+PyType_Spec state_manager_spec = {
+    .name = "modelopt_c.ModeloptStateManager",
+    .basicsize = sizeof(StateManager),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = sm_slots,
+};

@@ -29,7 +29,7 @@ from ._conversion import (
     restore_from_modelopt_state,
     save,
 )
-from ._runtime import MODELOPT_STATE_VERSION
+from ._runtime import MODELOPT_STATE_VERSION, CheckpointError
 from .config import ModeloptBaseConfig, ModeloptField
 from .mode import ModeDescriptor, _ModeDescriptor, _ModeRegistryCls, get_mode_config
 from .model_like import ModelLikeModule
@@ -39,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MODELOPT_STATE_VERSION",
     "ApplyModeError",
+    "CheckpointError",
     "ModeDescriptor",
     "ModelLikeModule",
     "ModeloptBaseConfig",

@@ -5,6 +5,7 @@ core should not hard-code (it depends on Python-level classes users can extend).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -57,20 +58,21 @@ def prepare_model_for(model: nn.Module, descriptor: ModeDescriptor) -> nn.Module
     return model
 
 
-def _wrappers() -> dict[type, str]:
-    wrappers: dict[type, str] = {nn.DataParallel: "module", nn.parallel.DistributedDataParallel: "module"}
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        wrappers[FullyShardedDataParallel] = "module"
-    except Exception:  # torch built without distributed
-        pass
-    return wrappers
+def _wrapper_attr(model: nn.Module) -> str | None:
+    """The attribute holding the wrapped model, when ``model`` is a supported wrapper."""
+    cls = type(model)
+    if cls is nn.DataParallel or cls is nn.parallel.DistributedDataParallel:
+        return "module"
+    # a model wrapped by FSDP means FSDP is imported already: never import it here (~1 s)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and cls is getattr(fsdp, "FullyShardedDataParallel", None):
+        return "module"
+    return None
 
 
 def unwrap(model: nn.Module, how: str) -> nn.Module:
     """Strip a DataParallel/DDP/FSDP wrapper: ``how`` is "force", "warn" or "raise"."""
-    attr = _wrappers().get(type(model))
+    attr = _wrapper_attr(model)
     if attr is None:
         return model
     if how == "raise":
@@ -126,3 +128,160 @@ def torch_load(f: Any, kwargs: dict[str, Any]) -> Any:
     if isinstance(f, (str, os.PathLike)):
         kwargs.setdefault("mmap", True)
     return torch.load(f, **kwargs)
+
+
+# ---- checkpoints -----------------------------------------------------------------
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class CheckpointError(ValueError, RuntimeError):
+    """A file that is not a readable checkpoint (not one, truncated, or corrupted).
+
+    A ``ValueError`` (bad input) and, for code written against nvidia-modelopt
+    (where ``torch.load`` raises ``RuntimeError``), a ``RuntimeError`` too.
+    """
+
+
+def checkpoint_format(f: Any, format: str | None) -> str:
+    """"torch" or "safetensors": the explicit ``format``, else by the path's suffix."""
+    if format is None:
+        if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".safetensors"):
+            return "safetensors"
+        return "torch"
+    if format not in ("torch", "safetensors"):
+        raise ValueError(f"Unknown checkpoint format {format!r}: use 'torch' or 'safetensors'.")
+    return format
+
+
+def save_safetensors(f: Any, state_dict: dict, modelopt_state: dict, kwargs: dict) -> None:
+    """Write the safetensors-compatible format (paths only: it is staged and renamed)."""
+    if not isinstance(f, (str, os.PathLike)):
+        raise TypeError("format='safetensors' needs a file path (it is written crash-safely through a temp file).")
+    if kwargs:
+        raise TypeError(f"save(format='safetensors') takes no torch.save options; got {sorted(kwargs)}.")
+    from . import st_format
+
+    st_format.save_file(f, state_dict, modelopt_state)
+
+
+def _first_bytes(f: Any, n: int = 16) -> bytes:
+    if isinstance(f, (str, os.PathLike)):
+        with open(f, "rb") as fh:
+            return fh.read(n)
+    if hasattr(f, "peek"):
+        return bytes(f.peek(n)[:n])
+    if hasattr(f, "seek") and hasattr(f, "tell"):
+        pos = f.tell()
+        head = f.read(n)
+        f.seek(pos)
+        return head
+    return b""
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    """Whether a file's first bytes start a safetensors file: a u64 header length, then '{'."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") < (1 << 40)
+
+
+def _torch_load_checked(f: Any, kwargs: dict[str, Any]) -> Any:
+    """``torch_load`` with its failures turned into errors that name the file."""
+    import pickle
+
+    name = describe_file(f)
+    try:
+        return torch_load(f, kwargs)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" in text:
+            # torch's own reason sits on the line after "WeightsUnpickler error:"
+            lines = [ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[-1].splitlines() if ln.strip()]
+            reason = lines[0] if lines else "not on torch's safe list"
+            raise pickle.UnpicklingError(
+                f"{name}: refused to load with weights_only=True: {reason}. Loading it would need full "
+                "pickle, which can run code stored in the file; modelopt_c never does that on its own. "
+                "If you trust this file, pass weights_only=False explicitly."
+            ) from exc
+        raise CheckpointError(f"{name} is not a readable checkpoint (corrupted pickle data: {exc}).") from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
+            raise
+        raise CheckpointError(
+            f"{name} is not a readable torch checkpoint (truncated or corrupted?): {exc}"
+        ) from exc
+
+
+def load_checkpoint(f: Any, kwargs: dict[str, Any]) -> tuple[dict, dict]:
+    """(modelopt_state, model_state_dict) from a checkpoint of either format."""
+    name = describe_file(f)
+    head = _first_bytes(f)
+    if not head.startswith(_ZIP_MAGIC):
+        if looks_like_safetensors(head):
+            from . import st_format
+
+            if not isinstance(f, (str, os.PathLike)):
+                raise TypeError(f"{name}: restoring the safetensors-compatible format needs a file path.")
+            state, weights = st_format.load_file(f)
+            return state, weights
+        if len(head) == 0:
+            raise CheckpointError(f"{name} is empty: not a checkpoint.")
+    objs = _torch_load_checked(f, kwargs)
+    if not isinstance(objs, dict) or "modelopt_state" not in objs or "model_state_dict" not in objs:
+        what = sorted(map(str, objs))[:5] if isinstance(objs, dict) else type(objs).__name__
+        raise CheckpointError(
+            f"{name} is not a modelopt checkpoint: expected a dict with 'modelopt_state' and "
+            f"'model_state_dict' (written by save()), found {what}."
+        )
+    return objs["modelopt_state"], objs["model_state_dict"]
+
+
+def load_modelopt_state_file(path: Any, kwargs: dict[str, Any]) -> dict:
+    """load_modelopt_state: a safe load, then the layout checks."""
+    kwargs = dict(kwargs)
+    kwargs.setdefault("map_location", "cpu")
+    state = _torch_load_checked(path, kwargs)
+    validate_modelopt_state(state)
+    return state
+
+
+def _has_own_loading(module: nn.Module) -> bool:
+    cls = type(module)
+    return (
+        cls._load_from_state_dict is not nn.Module._load_from_state_dict
+        or cls._save_to_state_dict is not nn.Module._save_to_state_dict
+        or cls.get_extra_state is not nn.Module.get_extra_state
+        or bool(module._load_state_dict_pre_hooks)
+        or bool(module._load_state_dict_post_hooks)
+    )
+
+
+def plain_load_targets(model: nn.Module) -> dict | None:
+    """The model's live tensors by state-dict key, or None when some module loads itself."""
+    if any(_has_own_loading(m) for m in model.modules()):
+        return None
+    return model.state_dict(keep_vars=True)
+
+
+def load_state_dict_torch(model: nn.Module, state_dict: dict, source: Any) -> None:
+    """torch's own loader, for modules with custom loading (in place; assign for meta)."""
+    on_meta = any(t.is_meta for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor))
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=on_meta)
+    except RuntimeError as exc:
+        exc.add_note(f"checkpoint {describe_file(source)}")
+        raise
+
+
+def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the model's parameter or buffer ``key`` (for meta-device models)."""
+    prefix, _, name = key.rpartition(".")
+    owner = model.get_submodule(prefix) if prefix else model
+    if name in owner._parameters:
+        old = owner._parameters[name]
+        owner._parameters[name] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else True)
+    else:
+        owner._buffers[name] = tensor

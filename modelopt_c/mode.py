@@ -6,6 +6,7 @@ through ``_ModeRegistryCls.get_from_any`` (see ``_runtime``).
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -133,14 +134,24 @@ T = TypeVar("T", bound=ModeDescriptor)
 
 
 class _ModeRegistryCls:
-    """A named registry of mode descriptors; every registry joins a class-wide list."""
+    """A named registry of mode descriptors; every registry joins a class-wide list.
 
-    _all_registries: ClassVar[list[_ModeRegistryCls]] = []
+    The list holds weak references, so deleting the last reference to a registry
+    removes it (and its modes) from every lookup: keep registries in module-level
+    names, as one does anyway to decorate modes with them.
+    """
+
+    _registry_refs: ClassVar[list[weakref.ref]] = []
 
     def __init__(self, registry_name: str) -> None:
         self._registry_name = registry_name
         self._name2descriptor: dict[str, ModeDescriptor] = {}
-        self._all_registries.append(self)
+        self._registry_refs.append(weakref.ref(self))
+
+    @classmethod
+    def _all(cls) -> list[_ModeRegistryCls]:
+        """The live registries, in creation order."""
+        return [r for r in (ref() for ref in cls._registry_refs) if r is not None]
 
     def __repr__(self) -> str:
         return f"<_ModeRegistryCls {self._registry_name!r}: {sorted(self._name2descriptor)}>"
@@ -181,10 +192,8 @@ class _ModeRegistryCls:
         return str(mode) in self._name2descriptor
 
     def __del__(self) -> None:
-        try:
-            self._all_registries.remove(self)
-        except ValueError:
-            pass
+        refs = type(self)._registry_refs
+        refs[:] = [ref for ref in refs if ref() is not None and ref() is not self]
 
     @classmethod
     def contained_in_any(cls, mode: ModeType) -> bool:
@@ -192,7 +201,7 @@ class _ModeRegistryCls:
         from . import interop
 
         name = str(mode)
-        return any(name in r._name2descriptor for r in cls._all_registries) or interop.has_mode(name)
+        return any(name in r._name2descriptor for r in cls._all()) or interop.has_mode(name)
 
     @classmethod
     def get_from_any(cls, mode: ModeType) -> ModeDescriptor:
@@ -204,11 +213,11 @@ class _ModeRegistryCls:
         from . import interop
 
         name = str(mode)
-        found = [r._name2descriptor[name] for r in cls._all_registries if name in r._name2descriptor]
+        found = [r._name2descriptor[name] for r in cls._all() if name in r._name2descriptor]
         if not found:
             found = interop.find_modes(name)
         if not found:
-            known = sorted({n for r in cls._all_registries for n in r._name2descriptor} | set(interop.mode_names()))
+            known = sorted({n for r in cls._all() for n in r._name2descriptor} | set(interop.mode_names()))
             raise KeyError(
                 f"Mode {mode} not found in any registry. Registered modes: {known}. "
                 "Import the package that defines the mode before applying or restoring it."
@@ -221,7 +230,7 @@ class _ModeRegistryCls:
         """The registry called ``registry_name`` (``KeyError`` if none)."""
         from . import interop
 
-        for registry in cls._all_registries:
+        for registry in cls._all():
             if registry._registry_name == registry_name:
                 return registry
         foreign = interop.registry_by_name(registry_name)

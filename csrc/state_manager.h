@@ -1,0 +1,43 @@
+/* The modelopt state manager, shared by state_manager.c (the type) and conversion.c
+ * (the functions built on it).  All functions: NULL/-1 with an exception set, or a
+ * value; "new" results are new references, arguments are borrowed. */
+#ifndef MODELOPT_C_STATE_MANAGER_H
+#define MODELOPT_C_STATE_MANAGER_H
+
+#include "module_state.h"
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *state;    /* the model's _modelopt_state list itself, not a copy */
+    PyObject *version;  /* the model's one-element _modelopt_state_version list */
+} StateManager;
+
+/* 1 when some module of `model` carries the state, 0 when none, -1 on error
+ * (including the AssertionErrors of SPEC §5 for several states / a non-root state). */
+int sm_is_converted(ModuleState *st, PyObject *model, int is_root);
+
+/* A new manager over `model` (NULL or falsy: a fresh module), as SPEC §5's constructor. */
+StateManager *sm_new(ModuleState *st, PyObject *model, int init_state);
+
+/* New reference to the descriptor registered as `mode` anywhere. */
+PyObject *sm_descriptor(ModuleState *st, PyObject *mode);
+
+/* New config object: descriptor(mode).config_class(**config); the mode is named on failure. */
+PyObject *sm_config_object(ModuleState *st, PyObject *mode, PyObject *config);
+
+int sm_check_mode(ModuleState *st, StateManager *sm, PyObject *mode);
+int sm_add_mode(ModuleState *st, StateManager *sm, PyObject *mode, PyObject *config, PyObject *metadata);
+int sm_load_state_dict(ModuleState *st, StateManager *sm, PyObject *state_dict, PyObject *version);
+
+/* Run the last mode's `update_for_save` / `update_for_new_mode` (entry_point names it). */
+int sm_update_last(ModuleState *st, StateManager *sm, PyObject *model, PyObject *entry_point);
+
+/* Move the state list object from one model to another (SPEC §5 transfer_state_dict). */
+int sm_transfer(ModuleState *st, PyObject *model_from, PyObject *model_to);
+
+/* Prefix the pending exception's message with context (keeps its type). */
+void sm_add_note(const char *format, ...);
+
+PyObject *conversion_modelopt_state_impl(ModuleState *st, PyObject *model);
+
+#endif
