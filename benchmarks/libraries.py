@@ -39,6 +39,9 @@ class Library:
     notes: list[str]
 
 
+_REGISTRIES: list[Any] = []  # modelopt_c holds registries weakly: keep ours alive
+
+
 def _register_trivial_mode(mode_module: Any, config_base: type) -> None:
     """Register ``bench_trivial`` in a fresh registry of the given library."""
 
@@ -62,7 +65,9 @@ def _register_trivial_mode(mode_module: Any, config_base: type) -> None:
         def restore(self) -> Callable:
             return lambda model, config, metadata: model
 
-    mode_module._ModeRegistryCls("benchmarks").register_mode(BenchTrivialMode)
+    registry = mode_module._ModeRegistryCls("benchmarks")
+    registry.register_mode(BenchTrivialMode)
+    _REGISTRIES.append(registry)
 
 
 def _load_modelopt_c() -> Library:

@@ -59,7 +59,7 @@ class Settings:
     cold: bool  # also restore with the page cache dropped, where the machine allows it
 
 
-QUICK = Settings("quick", ((0.1, "float32"), (0.5, "float32")), 3, (1000, 20000), 3, 5, cold=False)
+QUICK = Settings("quick", ((0.1, "float32"), (0.5, "float32")), 3, (1000, 20000), 3, 3, cold=False)
 FULL = Settings(
     "full",
     ((0.1, "float32"), (0.5, "float32"), (1.0, "float32"), (2.0, "float32"), (1.0, "bfloat16")),
