@@ -173,5 +173,4 @@ METHODS = (
 )
 METHODS_BY_NAME = {m.name: m for m in METHODS}
 SAVE_METHODS = tuple(m for m in METHODS if m.save is not None)
-RESTORE_METHODS = METHODS
 REFERENCE_METHOD = "nvidia-modelopt mto.save/restore"

@@ -192,7 +192,7 @@ def bookkeeping_table(all_series: list[Series], skips: Skips) -> tuple[str, str]
         if p["op"] == HEADLINE_OP and p["modules"] == HEADLINE_MODULES:
             verdict = "target met" if ratio and ratio >= HEADLINE_TARGET else "target NOT met"
             headline = (
-                f"**Headline: {HEADLINE_OP} at {HEADLINE_MODULES:,} modules: modelopt_c "
+                f"**Headline (bookkeeping@20k): {HEADLINE_OP} at {HEADLINE_MODULES:,} modules: modelopt_c "
                 f"{fmt_time(ours['summary']['seconds'], False) if ratio else '–'} vs nvidia-modelopt "
                 f"{fmt_time(s['summary']['seconds'], False)}: {_fmt_ratio(ratio)} "
                 f"(target ≥ {HEADLINE_TARGET:g}×: {verdict if ratio else 'not measured'}).**"

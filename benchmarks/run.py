@@ -43,7 +43,7 @@ from libraries import FAMILIES, CheckpointMethod  # noqa: E402
 from zygote import Zygote  # noqa: E402
 
 GB = 1e9
-HIDDEN = 2048
+HIDDEN = models.HIDDEN
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class Bench:
                     self._task(job.family, "save", params, job.name, task, rep)
 
     def _restores(self, params: dict[str, Any], folder: Path, base: dict[str, Any], limits: dict[str, Any]) -> None:
-        jobs: list[CheckpointMethod | str] = [*libraries.RESTORE_METHODS, "read"]
+        jobs: list[CheckpointMethod | str] = [*libraries.METHODS, "read"]
         for rep in range(self.settings.reps):
             for job in rotated(jobs, rep):
                 if isinstance(job, str):
