@@ -75,6 +75,10 @@
 #define CODEC_MAX_NDIM 64
 #define CODEC_MAX_NAME 64
 #define CODEC_PATH_SHOWN 20 /* path components shown at each end of a long key path */
+/* Short ASCII strings (keys above all: "_num_bits" thousands of times) are decoded
+ * once per call and shared, through a small direct-mapped cache on the decoder. */
+#define CODEC_STR_CACHE 512
+#define CODEC_STR_CACHE_MAX_LEN 32
 
 enum {
     EXT_TUPLE = 1,
@@ -950,6 +954,7 @@ typedef struct {
     const unsigned char *end;  /* limit: end of the input, or of the ext payload being read */
     PyObject *tensors;         /* borrowed sequence, or NULL */
     PyObject *source;          /* borrowed str for messages, or NULL */
+    PyObject *str_cache[CODEC_STR_CACHE]; /* owned ASCII strs, or NULL */
 } Decoder;
 
 static PyObject *
@@ -1059,6 +1064,31 @@ decode_str(Decoder *d, const unsigned char *at, uint32_t n)
         return NULL;
     }
     const unsigned char *s = d->p;
+    if (n <= CODEC_STR_CACHE_MAX_LEN) {
+        uint32_t hash = 2166136261u; /* FNV-1a */
+        unsigned char high = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            high |= s[i];
+            hash = (hash ^ s[i]) * 16777619u;
+        }
+        if (high < 0x80) { /* ASCII: valid UTF-8 as is */
+            PyObject **slot = &d->str_cache[hash % CODEC_STR_CACHE];
+            PyObject *hit = *slot;
+            if (hit != NULL && PyUnicode_GET_LENGTH(hit) == (Py_ssize_t)n &&
+                memcmp(PyUnicode_DATA(hit), s, n) == 0) {
+                d->p += n;
+                return Py_NewRef(hit);
+            }
+            PyObject *str = PyUnicode_New((Py_ssize_t)n, 127);
+            if (str == NULL) {
+                return NULL;
+            }
+            memcpy(PyUnicode_DATA(str), s, n);
+            Py_XSETREF(*slot, Py_NewRef(str));
+            d->p += n;
+            return str;
+        }
+    }
     PyObject *str = PyUnicode_DecodeUTF8((const char *)s, (Py_ssize_t)n, "strict");
     if (str == NULL) {
         Py_ssize_t bad = 0;
@@ -1700,6 +1730,9 @@ codec_decode_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs, Py
         Py_CLEAR(result);
     }
 error:
+    for (int i = 0; i < CODEC_STR_CACHE; i++) {
+        Py_XDECREF(d.str_cache[i]);
+    }
     if (have_view) {
         PyBuffer_Release(&view);
     }
