@@ -2,11 +2,12 @@
  * decoder that treats its input as hostile (every length checked against the bytes
  * left before anything is allocated, nesting capped, trailing bytes rejected).
  *
- * Encoding goes through msgpack-c's packer, writing straight into the result bytes.  Decoding is a single bounds-checked
- * walk written here, not msgpack_unpack(): msgpack-c's unpacker reserves a
- * container's slots in its zone before it reads them, so a 5-byte "array of 2^32
- * items" would cost gigabytes before the truncation is noticed.  The walker checks
- * every count against the bytes left and builds the Python objects directly.
+ * Encoding goes through msgpack-c's packer, writing straight into the result
+ * bytes.  Decoding is a single bounds-checked walk written here, not
+ * msgpack_unpack(): msgpack-c's unpacker reserves a container's slots in its zone
+ * before it reads them, so a 5-byte "array of 2^32 items" would cost gigabytes
+ * before the truncation is noticed.  The walker checks every count against the
+ * bytes left and builds the Python objects directly (no zone to leak).
  *
  * Wire format: one msgpack object (https://github.com/msgpack/msgpack/blob/master/spec.md),
  * nothing after it.  Native msgpack types:
