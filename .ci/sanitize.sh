@@ -47,7 +47,13 @@ nm -D modelopt_c/_conversion*.so | grep -q __asan_report || { echo "sanitize.sh:
 echo "sanitize.sh: ASan self-check fired as expected; running the codec tests"
 
 # 2. the codec tests against the instrumented build
-LD_PRELOAD="$asan_lib" python -m pytest tests/test_codec.py -q -p no:cacheprovider "$@"
+# --capture=sys: pytest must not swallow fd 2, where ASan/UBSan write their report
+# right before they abort the process.
+LD_PRELOAD="$asan_lib" python -m pytest tests/test_codec.py -q -p no:cacheprovider --capture=sys "$@" || {
+    status=$?
+    echo "sanitize.sh: FAILED (exit $status; a sanitizer report, if any, is above)" >&2
+    exit "$status"
+}
 
 # 3. hostile bytes under the sanitizer: the harness's random mutator over the corpus
 fuzz_seconds="${SANITIZE_FUZZ_SECONDS:-30}"

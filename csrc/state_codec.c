@@ -2,11 +2,12 @@
  * decoder that treats its input as hostile (every length checked against the bytes
  * left before anything is allocated, nesting capped, trailing bytes rejected).
  *
- * Encoding goes through msgpack-c's packer.  Decoding is a single bounds-checked
- * walk written here, not msgpack_unpack(): msgpack-c's unpacker reserves a
- * container's slots in its zone before it reads them, so a 5-byte "array of 2^32
- * items" would cost gigabytes before the truncation is noticed.  The walker checks
- * every count against the bytes left and builds the Python objects directly.
+ * Encoding goes through msgpack-c's packer, writing straight into the result
+ * bytes.  Decoding is a single bounds-checked walk written here, not
+ * msgpack_unpack(): msgpack-c's unpacker reserves a container's slots in its zone
+ * before it reads them, so a 5-byte "array of 2^32 items" would cost gigabytes
+ * before the truncation is noticed.  The walker checks every count against the
+ * bytes left and builds the Python objects directly (no zone to leak).
  *
  * Wire format: one msgpack object (https://github.com/msgpack/msgpack/blob/master/spec.md),
  * nothing after it.  Native msgpack types:
@@ -75,6 +76,10 @@
 #define CODEC_MAX_NDIM 64
 #define CODEC_MAX_NAME 64
 #define CODEC_PATH_SHOWN 20 /* path components shown at each end of a long key path */
+/* Short ASCII strings (keys above all: "_num_bits" thousands of times) are decoded
+ * once per call and shared, through a small direct-mapped cache on the decoder. */
+#define CODEC_STR_CACHE 512
+#define CODEC_STR_CACHE_MAX_LEN 32
 
 enum {
     EXT_TUPLE = 1,
@@ -212,9 +217,59 @@ parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject 
 /*                                 encoder                                  */
 /* ======================================================================== */
 
+/* The packer's output: a bytes object grown in place and trimmed at the end, so
+ * the result needs no final copy (an inline tensor is copied exactly once). */
+typedef struct {
+    PyObject *bytes; /* owned; NULL until the first write */
+    size_t size;     /* bytes written */
+    size_t alloc;    /* capacity of `bytes` */
+} OutBuf;
+
+static int
+outbuf_reserve(OutBuf *out, size_t extra)
+{
+    if (out->alloc - out->size >= extra) {
+        return 0;
+    }
+    if (extra > (size_t)PY_SSIZE_T_MAX - out->size) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    size_t want = out->size + extra;
+    size_t grown = out->alloc < (size_t)PY_SSIZE_T_MAX / 2 ? out->alloc * 2 : (size_t)PY_SSIZE_T_MAX;
+    want = want < grown ? grown : want;
+    want = want < 256 ? 256 : want;
+    if (out->bytes == NULL) {
+        out->bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)want);
+        if (out->bytes == NULL) {
+            return -1;
+        }
+    }
+    else if (_PyBytes_Resize(&out->bytes, (Py_ssize_t)want) < 0) {
+        out->bytes = NULL; /* freed by _PyBytes_Resize */
+        out->size = out->alloc = 0;
+        return -1;
+    }
+    out->alloc = want;
+    return 0;
+}
+
+/* msgpack_packer_write callback: 0 or -1 with a MemoryError set. */
+static int
+outbuf_write(void *data, const char *buf, size_t len)
+{
+    OutBuf *out = (OutBuf *)data;
+    if (outbuf_reserve(out, len) < 0) {
+        return -1;
+    }
+    memcpy(PyBytes_AS_STRING(out->bytes) + out->size, buf, len);
+    out->size += len;
+    return 0;
+}
+
 typedef struct {
     CodecState *cs;
-    msgpack_sbuffer buf;
+    OutBuf buf;
     msgpack_packer pk;
     PyObject *tensors;  /* borrowed list, or NULL: tensors inline */
 
@@ -244,10 +299,13 @@ enc_fail(Encoder *enc, PyObject *type, const char *fmt, ...)
     return -1;
 }
 
+/* A packer call failed: the writer has set MemoryError already. */
 static int
 enc_nomem(void)
 {
-    PyErr_NoMemory();
+    if (!PyErr_Occurred()) {
+        PyErr_NoMemory();
+    }
     return -1;
 }
 
@@ -410,7 +468,7 @@ static int
 ext32_open(Encoder *enc, int code, size_t *mark)
 {
     unsigned char hdr[6] = {0xc9, 0, 0, 0, 0, (unsigned char)code};
-    if (msgpack_sbuffer_write(&enc->buf, (const char *)hdr, sizeof hdr) < 0) {
+    if (outbuf_write(&enc->buf, (const char *)hdr, sizeof hdr) < 0) {
         return enc_nomem();
     }
     *mark = enc->buf.size;
@@ -427,7 +485,7 @@ ext32_close(Encoder *enc, size_t mark)
                         "tensors list to keep large tensors out of the state",
                         len);
     }
-    store_be32((unsigned char *)enc->buf.data + mark - 5, (uint32_t)len);
+    store_be32((unsigned char *)PyBytes_AS_STRING(enc->buf.bytes) + mark - 5, (uint32_t)len);
     return 0;
 }
 
@@ -758,7 +816,9 @@ encode_tensor(Encoder *enc, PyObject *obj)
             goto error;
         }
     }
-    if (ext32_open(enc, EXT_TENSOR, &mark) < 0) {
+    /* header + dtype + shape + bin header + data, in one growth */
+    if (outbuf_reserve(&enc->buf, nbytes + 32 + (size_t)PyBytes_GET_SIZE(name) + 9 * (size_t)ndim) < 0 ||
+        ext32_open(enc, EXT_TENSOR, &mark) < 0) {
         goto error;
     }
     if (msgpack_pack_array(&enc->pk, 3) < 0 ||
@@ -912,8 +972,7 @@ codec_encode_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs, Py
     PyObject *argv[2] = {NULL, NULL};
     PyObject *result = NULL;
     Encoder enc = {.cs = codec_state(module)};
-    msgpack_sbuffer_init(&enc.buf);
-    msgpack_packer_init(&enc.pk, &enc.buf, msgpack_sbuffer_write);
+    msgpack_packer_init(&enc.pk, &enc.buf, outbuf_write);
 
     if (parse_args("encode_state", args, nargs, kwnames, names, 2, 2, 1, argv) < 0) {
         goto error;
@@ -930,9 +989,15 @@ codec_encode_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs, Py
         enc_raise(&enc);
         goto error;
     }
-    result = PyBytes_FromStringAndSize(enc.buf.data, (Py_ssize_t)enc.buf.size);
+    /* trim to the bytes written (every encoding has at least one) */
+    if (_PyBytes_Resize(&enc.buf.bytes, (Py_ssize_t)enc.buf.size) < 0) {
+        enc.buf.bytes = NULL;
+        goto error;
+    }
+    result = enc.buf.bytes;
+    enc.buf.bytes = NULL;
 error:
-    msgpack_sbuffer_destroy(&enc.buf);
+    Py_XDECREF(enc.buf.bytes);
     Py_XDECREF(enc.err_msg);
     Py_XDECREF(enc.pending);
     Py_XDECREF(enc.path);
@@ -950,6 +1015,7 @@ typedef struct {
     const unsigned char *end;  /* limit: end of the input, or of the ext payload being read */
     PyObject *tensors;         /* borrowed sequence, or NULL */
     PyObject *source;          /* borrowed str for messages, or NULL */
+    PyObject *str_cache[CODEC_STR_CACHE]; /* owned ASCII strs, or NULL */
 } Decoder;
 
 static PyObject *
@@ -1059,6 +1125,31 @@ decode_str(Decoder *d, const unsigned char *at, uint32_t n)
         return NULL;
     }
     const unsigned char *s = d->p;
+    if (n <= CODEC_STR_CACHE_MAX_LEN) {
+        uint32_t hash = 2166136261u; /* FNV-1a */
+        unsigned char high = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            high |= s[i];
+            hash = (hash ^ s[i]) * 16777619u;
+        }
+        if (high < 0x80) { /* ASCII: valid UTF-8 as is */
+            PyObject **slot = &d->str_cache[hash % CODEC_STR_CACHE];
+            PyObject *hit = *slot;
+            if (hit != NULL && PyUnicode_GET_LENGTH(hit) == (Py_ssize_t)n &&
+                memcmp(PyUnicode_DATA(hit), s, n) == 0) {
+                d->p += n;
+                return Py_NewRef(hit);
+            }
+            PyObject *str = PyUnicode_New((Py_ssize_t)n, 127);
+            if (str == NULL) {
+                return NULL;
+            }
+            memcpy(PyUnicode_DATA(str), s, n);
+            Py_XSETREF(*slot, Py_NewRef(str));
+            d->p += n;
+            return str;
+        }
+    }
     PyObject *str = PyUnicode_DecodeUTF8((const char *)s, (Py_ssize_t)n, "strict");
     if (str == NULL) {
         Py_ssize_t bad = 0;
@@ -1700,6 +1791,9 @@ codec_decode_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs, Py
         Py_CLEAR(result);
     }
 error:
+    for (int i = 0; i < CODEC_STR_CACHE; i++) {
+        Py_XDECREF(d.str_cache[i]);
+    }
     if (have_view) {
         PyBuffer_Release(&view);
     }

@@ -744,3 +744,12 @@ def test_containers_mutated_during_encoding_fail_cleanly():
     holder["target"] = lst
     with pytest.raises(RuntimeError, match=r"^list changed size during encoding at \[1\]$"):
         encode(lst)
+
+
+def test_short_ascii_strings_are_shared_and_cache_collisions_are_harmless():
+    keys = [f"k{i}" for i in range(5000)]  # many more than the 512 cache slots
+    value = [{k: k for k in keys}, {k: None for k in keys}, ["x" * 32, "x" * 33, "é" * 3, "\x00"]]
+    y = roundtrip(value)
+    assert list(y[0])[17] is list(y[1])[17] or list(y[0])[17] == list(y[1])[17]
+    same = decode(encode(["_num_bits", "_num_bits"]))
+    assert same[0] is same[1]
