@@ -43,13 +43,17 @@ ctypes.memmove(buf, src, 64)
     exit 1
 fi
 grep -q "AddressSanitizer" selfcheck.log || { echo "sanitize.sh: self-check failed for another reason:" >&2; cat selfcheck.log >&2; exit 1; }
-nm -D modelopt_c/_conversion*.so | grep -q __asan_report || { echo "sanitize.sh: extension not instrumented" >&2; exit 1; }
+nm -D modelopt_c/_conversion*.so >symbols.txt; grep -q __asan_report symbols.txt ||  # no pipe: grep -q + pipefail = SIGPIPE
+    { echo "sanitize.sh: extension not instrumented" >&2; exit 1; }
 echo "sanitize.sh: ASan self-check fired as expected; running the codec tests"
 
-# 2. the codec tests against the instrumented build
+# 2. the codec tests and the core's (manager, conversion, checkpoints) against the
+#    instrumented build
 # --capture=sys: pytest must not swallow fd 2, where ASan/UBSan write their report
 # right before they abort the process.
-LD_PRELOAD="$asan_lib" python -m pytest tests/test_codec.py -q -p no:cacheprovider --capture=sys "$@" || {
+LD_PRELOAD="$asan_lib" python -m pytest -q -p no:cacheprovider --capture=sys \
+    tests/test_codec.py tests/test_state_manager.py tests/test_conversion.py \
+    tests/test_config_and_modes.py tests/test_checkpoint_torch.py "$@" || {
     status=$?
     echo "sanitize.sh: FAILED (exit $status; a sanitizer report, if any, is above)" >&2
     exit "$status"
