@@ -246,7 +246,7 @@ st_fail(PyObject *display, const char *fmt, ...)
 
 /* Add "<path>: " in front of the message of the pending exception (same type). */
 static void
-st_prefix_error(PyObject *display, const char *what)
+st_prefix_error(PyObject *display, PyObject *what)
 {
     PyObject *etype = NULL, *exc = NULL, *tb = NULL;
     PyErr_Fetch(&etype, &exc, &tb);
@@ -255,15 +255,17 @@ st_prefix_error(PyObject *display, const char *what)
     PyObject *text = exc ? PyObject_Str(exc) : NULL;
     if (text == NULL) {
         PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "%U: %s", display, what);
+        PyErr_Format(PyExc_ValueError, "%U: %U", display, what);
     }
     else if (PyErr_GivenExceptionMatches(exc, PyExc_OSError) ||
              PyErr_GivenExceptionMatches(exc, PyExc_KeyboardInterrupt)) {
         PyErr_SetObject(etype, exc);
     }
     else {
-        PyObject *type = (PyObject *)Py_TYPE(exc);
-        PyObject *msg = PyUnicode_FromFormat("%U: %s: %U", display, what, text);
+        /* BufferError is what __dlpack__ raises for tensors it cannot export. */
+        PyObject *type = PyErr_GivenExceptionMatches(exc, PyExc_BufferError) ? PyExc_ValueError
+                                                                             : (PyObject *)Py_TYPE(exc);
+        PyObject *msg = PyUnicode_FromFormat("%U: %U: %U", display, what, text);
         if (msg != NULL) {
             PyObject *new_exc = PyObject_CallOneArg(type, msg);
             if (new_exc == NULL) {
@@ -558,7 +560,11 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
             o->name = Py_NewRef(key);
             nout++;
             if (st_tensor_handle(value, &o->tensor, &err) < 0) {
-                st_prefix_error(display, "cannot read tensor");
+                PyObject *what = PyUnicode_FromFormat("cannot read tensor %R", key);
+                if (what != NULL) {
+                    st_prefix_error(display, what);
+                    Py_DECREF(what);
+                }
                 goto error;
             }
             o->dtype = st_dtype_by_code(atb_dtype(o->tensor));
@@ -1112,7 +1118,7 @@ st_json_uint(StHeader *h, const char *what, PyObject *name, uint64_t *out)
     while (h->p < h->end && *h->p >= '0' && *h->p <= '9') {
         unsigned d = (unsigned)(*h->p - '0');
         if (v > ((uint64_t)INT64_MAX - d) / 10) {
-            st_fail(h->display, "tensor %R: %s has a number too large", name, what);
+            st_fail(h->display, "tensor %R: %s: a number over 2**63-1", name, what);
             return -1;
         }
         v = v * 10 + d;
@@ -1202,7 +1208,11 @@ st_json_entry(StHeader *h, PyObject *name)
     int seen = 0; /* 1 dtype, 2 shape, 4 data_offsets */
     e.shape_at = h->nshapes;
     st_ws(h);
-    if (h->p >= h->end || *h->p != '{') {
+    if (h->p >= h->end) {
+        st_json_fail(h, "unexpected end of the header");
+        return -1;
+    }
+    if (*h->p != '{') {
         st_fail(h->display, "tensor %R: its entry must be an object", name);
         return -1;
     }
@@ -1685,7 +1695,11 @@ st_verify(StHeader *h, PyObject *metadata, const char *data)
     sub.start = sub.p = (const unsigned char *)s;
     sub.end = sub.start + n;
     if (st_json_str_map(&sub, sums, "checksums") < 0) {
-        st_prefix_error(h->display, "the 'checksums' metadata is malformed");
+        PyObject *what = PyUnicode_FromString("the 'checksums' metadata is malformed");
+        if (what != NULL) {
+            st_prefix_error(h->display, what);
+            Py_DECREF(what);
+        }
         goto error;
     }
     st_ws(&sub);
