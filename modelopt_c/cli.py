@@ -454,11 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m modelopt_c``; returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out, err = sys.stdout, sys.stderr
+    if argv and argv[0] in ("demo", "bench"):
+        # Everything after the command belongs to the delegate, options included.
+        handler = _cmd_demo if argv[0] == "demo" else _cmd_bench
+        return handler(argparse.Namespace(command=argv[0], args=argv[1:]), out, err)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
-    out, err = sys.stdout, sys.stderr
     for attr in ("file", "input"):
         path = getattr(args, attr, None)
         if path is not None and not os.path.isfile(path):
