@@ -504,7 +504,7 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"path", "tensors", "metadata", "progress", NULL};
     PyObject *path = NULL, *tensors = NULL, *metadata = NULL, *progress = Py_None;
-    PyObject *fsbytes = NULL, *display = NULL, *torch = NULL, *tensor_type = NULL;
+    PyObject *fsbytes = NULL, *display = NULL, *torch = NULL, *tensor_type = NULL, *items = NULL;
     StOut *outs = NULL, **order = NULL;
     Py_ssize_t nout = 0, count = 0;
     StBuf hdr = {0}, tmp = {0};
@@ -531,7 +531,12 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
     }
 
     /* 1. Look at every tensor (no bytes are touched yet). */
-    count = PyDict_GET_SIZE(tensors);
+    /* A snapshot: detach()/__dlpack__ run Python code that could change the dict. */
+    items = PyDict_Items(tensors);
+    if (items == NULL) {
+        goto error;
+    }
+    count = PyList_GET_SIZE(items);
     outs = PyMem_Calloc((size_t)count + 1, sizeof(StOut));
     order = PyMem_Calloc((size_t)count + 1, sizeof(StOut *));
     if (outs == NULL || order == NULL) {
@@ -539,9 +544,9 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
         goto error;
     }
     {
-        Py_ssize_t pos = 0;
-        PyObject *key, *value;
-        while (PyDict_Next(tensors, &pos, &key, &value)) {
+        for (Py_ssize_t idx = 0; idx < count; idx++) {
+            PyObject *key = PyTuple_GET_ITEM(PyList_GET_ITEM(items, idx), 0);
+            PyObject *value = PyTuple_GET_ITEM(PyList_GET_ITEM(items, idx), 1);
             StOut *o = &outs[nout];
             if (!PyUnicode_Check(key)) {
                 PyErr_Format(PyExc_TypeError, "%U: tensor names must be str, not %.100s", display,
@@ -862,6 +867,7 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
     Py_DECREF(display);
     Py_DECREF(torch);
     Py_DECREF(tensor_type);
+    Py_DECREF(items);
     Py_RETURN_NONE;
 
 error:
@@ -889,6 +895,7 @@ error:
     Py_XDECREF(display);
     Py_XDECREF(torch);
     Py_XDECREF(tensor_type);
+    Py_XDECREF(items);
     return NULL;
 }
 

@@ -421,9 +421,15 @@ def test_reference_counts_do_not_leak(tmp_path):
     for _ in range(20):
         cycle()
     before = sys.gettotalrefcount() if hasattr(sys, "gettotalrefcount") else None
+    import gc
+
+    gc.collect()
     fds_before = len(os.listdir("/proc/self/fd"))
+    maps_before = len(Path("/proc/self/maps").read_text().splitlines())
     for _ in range(200):
         cycle()
+    gc.collect()
     assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert len(Path("/proc/self/maps").read_text().splitlines()) <= maps_before + 2  # no mapping leaks
     if before is not None:
         assert sys.gettotalrefcount() - before < 100
