@@ -363,8 +363,10 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if kind == KIND_UNKNOWN:
             raise CheckpointError(f"{path}: neither a torch (zip) checkpoint nor a safetensors file")
         if kind == KIND_TORCH:
-            load_checkpoint(path, verify=True)
-            detail = "safe load of every record (weights_only=True)"
+            obj = load_torch_safely(path, mmap=False)  # reads (and CRC-checks) every record
+            is_modelopt = isinstance(obj, dict) and "modelopt_state" in obj and "model_state_dict" in obj
+            detail = "safe load of every record (weights_only=True)" + (
+                ", a modelopt checkpoint" if is_modelopt else ", not a modelopt checkpoint")
         else:
             from . import _conversion
 
@@ -372,6 +374,8 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             if "checksums" in metadata:
                 _conversion.st_read(path, verify=True)
                 detail = "header valid, xxh64 checksums match"
+            elif kind == KIND_OURS:
+                raise CheckpointError(f"{path}: a modelopt_c file without checksums (its metadata was altered)")
             else:
                 _conversion.st_read_header(path)
                 detail = "header valid, no checksums stored"

@@ -166,6 +166,16 @@ def test_verify_exit_codes(tmp_path, st_ckpt, torch_ckpt):
     torch_ckpt.write_bytes(data[: len(data) // 2])
     code, out, _ = run("verify", torch_ckpt)
     assert code == 1 and "CORRUPT" in out
+    stripped = tmp_path / "stripped.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(1)}, str(stripped), metadata={"format": "modelopt_c"})
+    code, out, _ = run("verify", stripped)
+    assert code == 1 and "without checksums" in out
+    other = tmp_path / "other.pt"
+    torch.save([torch.ones(2)], other)
+    code, out, _ = run("verify", other)
+    assert code == 0 and "not a modelopt checkpoint" in out
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"hello world, not a checkpoint")
     assert run("verify", junk)[0] == 1
