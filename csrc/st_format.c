@@ -505,6 +505,7 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
     static char *kwlist[] = {"path", "tensors", "metadata", "progress", NULL};
     PyObject *path = NULL, *tensors = NULL, *metadata = NULL, *progress = Py_None;
     PyObject *fsbytes = NULL, *display = NULL, *torch = NULL, *tensor_type = NULL, *items = NULL;
+    PyObject *result = NULL;
     StOut *outs = NULL, **order = NULL;
     Py_ssize_t nout = 0, count = 0;
     StBuf hdr = {0}, tmp = {0};
@@ -855,22 +856,11 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
         }
     }
 
-    for (Py_ssize_t i = 0; i < nout; i++) {
-        Py_DECREF(outs[i].name);
-        atb_free(outs[i].tensor);
-    }
-    PyMem_Free(outs);
-    PyMem_Free(order);
-    PyMem_Free(hdr.data);
-    PyMem_Free(tmp.data);
-    Py_DECREF(fsbytes);
-    Py_DECREF(display);
-    Py_DECREF(torch);
-    Py_DECREF(tensor_type);
-    Py_DECREF(items);
-    Py_RETURN_NONE;
+    result = Py_NewRef(Py_None);
 
 error:
+    /* On success fd is closed and tmppath renamed (both reset), so only a failed
+     * write gets here with a temporary file to remove. */
     if (fd >= 0) {
         close(fd);
     }
@@ -896,7 +886,7 @@ error:
     Py_XDECREF(torch);
     Py_XDECREF(tensor_type);
     Py_XDECREF(items);
-    return NULL;
+    return result;
 }
 
 /* ------------------------------------------------------------------ header parser */

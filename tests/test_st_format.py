@@ -433,3 +433,29 @@ def test_reference_counts_do_not_leak(tmp_path):
     assert len(Path("/proc/self/maps").read_text().splitlines()) <= maps_before + 2  # no mapping leaks
     if before is not None:
         assert sys.gettotalrefcount() - before < 100
+
+
+def test_no_memory_growth_in_an_isolated_process(tmp_path):
+    script = (
+        "import gc, os, sys; sys.path.insert(0, 'tests'); import _st_support, torch\n"
+        "from modelopt_c import _conversion as C\n"
+        "p = sys.argv[1]; bad = sys.argv[2]\n"
+        "open(bad, 'wb').write((20).to_bytes(8, 'little') + b'{\"a\": {\"dtype\": 1}}')\n"
+        "src = {'a': torch.randn(256, 256), 'b': torch.ones(1000, dtype=torch.int8)}\n"
+        "def rss(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+        "def cycle():\n"
+        "    C.st_write(p, src, {'k': 'v'})\n"
+        "    md, t = C.st_read(p, verify=True); keep = t['a']; del t; keep.sum()\n"
+        "    C.st_read_header(p)\n"
+        "    for f in (C.st_read, C.st_read_header):\n"
+        "        try: f(bad)\n"
+        "        except ValueError: pass\n"
+        "for _ in range(50): cycle()\n"
+        "gc.collect(); before = rss()\n"
+        "for _ in range(500): cycle()\n"
+        "gc.collect(); print((rss() - before) >> 20)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.safetensors"), str(tmp_path / "bad.st")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.strip()) < 16, f"RSS grew by {run.stdout.strip()} MiB over 500 cycles"
