@@ -140,4 +140,16 @@ int atb_cuda_available(void) {
 
 void atb_free(AtbTensor *t) { delete t; }
 
+void atb_dlpack_free(void *dl_managed) {
+    auto *dlm = static_cast<DLManagedTensor *>(dl_managed);
+    if (dlm != nullptr && dlm->deleter != nullptr) dlm->deleter(dlm);
+}
+
+int atb_clone(const AtbTensor *t, AtbTensor **out, AtbError *err) {
+    ATB_TRY
+    *out = new AtbTensor{t->t.to(at::kCPU).contiguous().clone()};
+    return 0;
+    ATB_CATCH(err)
+}
+
 }  // extern "C"

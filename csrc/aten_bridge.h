@@ -61,6 +61,13 @@ int atb_cuda_available(void);
 
 void atb_free(AtbTensor *t);
 
+/* Run the deleter of a DLManagedTensor* (owned; NULL is ignored). For capsule
+ * destructors on the C side, which cannot see the DLPack struct. */
+void atb_dlpack_free(void *dl_managed);
+
+/* A new contiguous CPU tensor with its own memory, a copy of `t` (borrowed). */
+int atb_clone(const AtbTensor *t, AtbTensor **out, AtbError *err);
+
 #ifdef __cplusplus
 }
 #endif

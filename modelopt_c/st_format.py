@@ -1,0 +1,178 @@
+"""The safetensors-compatible checkpoint format (docs/FORMAT.md), Python face.
+
+The bytes are written and read by the native ``st_write`` / ``st_read``; this module
+only puts the modelopt state in the header (msgpack via the native state codec,
+base64 text) and its tensors under the reserved prefix.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from typing import Any, BinaryIO, Callable, Union
+
+from . import _conversion
+
+FORMAT_NAME = "modelopt_c"
+FORMAT_VERSION = "1"
+RESERVED_PREFIX = "__modelopt_state__."
+MAX_HEADER = 100_000_000
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "RESERVED_PREFIX",
+    "is_safetensors_file",
+    "load_file",
+    "read_header",
+    "save_file",
+]
+
+
+def _codec(name: str) -> Callable[..., Any]:
+    """The native state codec function ``name``, looked up at call time."""
+    func = getattr(_conversion, name, None)
+    if func is None:
+        raise RuntimeError(
+            f"modelopt_c._conversion.{name} is missing: this build has no state codec, "
+            "so the modelopt state cannot be stored in the safetensors format"
+        )
+    return func
+
+
+def save_file(
+    path: PathLike,
+    state_dict: dict[str, Any],
+    modelopt_state: dict[str, Any],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Write ``state_dict`` and ``modelopt_state`` to ``path`` crash-safely.
+
+    Tensors inside ``modelopt_state`` are stored as ``__modelopt_state__.<i>``;
+    the model's weights keep their state_dict names.
+    """
+    extras: list[Any] = []
+    payload = _codec("encode_state")(modelopt_state, extras)
+    tensors: dict[str, Any] = {}
+    for name, tensor in state_dict.items():
+        if isinstance(name, str) and name.startswith(RESERVED_PREFIX):
+            raise ValueError(f"{os.fspath(path)}: state_dict key {name!r} uses the reserved prefix {RESERVED_PREFIX!r}")
+        tensors[name] = tensor
+    for i, tensor in enumerate(extras):
+        tensors[f"{RESERVED_PREFIX}{i}"] = tensor
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "modelopt_state": base64.b64encode(bytes(payload)).decode("ascii"),
+    }
+    _conversion.st_write(path, tensors, metadata, progress=progress)
+
+
+def split_tensors(tensors: dict[str, Any], where: str = "") -> tuple[list[Any], dict[str, Any]]:
+    """Split a file's tensors into the modelopt-state extras (by index) and the state_dict."""
+    extras: dict[int, Any] = {}
+    state_dict: dict[str, Any] = {}
+    for name, tensor in tensors.items():
+        if name.startswith(RESERVED_PREFIX):
+            index = name[len(RESERVED_PREFIX):]
+            if not index.isdigit() or str(int(index)) != index:
+                raise ValueError(f"{where}: bad reserved tensor name {name!r}")
+            extras[int(index)] = tensor
+        else:
+            state_dict[name] = tensor
+    if sorted(extras) != list(range(len(extras))):
+        raise ValueError(f"{where}: the {RESERVED_PREFIX}<i> tensors are not numbered 0..{len(extras) - 1}")
+    return [extras[i] for i in range(len(extras))], state_dict
+
+
+def decode_metadata_state(metadata: dict[str, str], extras: list[Any], where: str) -> Any:
+    """The modelopt state stored in a modelopt_c file's ``__metadata__``."""
+    if metadata.get("format") != FORMAT_NAME:
+        raise ValueError(
+            f"{where}: not a modelopt_c checkpoint (its __metadata__ has no \"format\": \"{FORMAT_NAME}\"); "
+            "it is a plain safetensors file: load its tensors with safetensors.torch.load_file"
+        )
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{where}: format_version {version!r} is not supported (this modelopt_c reads {FORMAT_VERSION!r}); "
+            "upgrade modelopt_c"
+        )
+    text = metadata.get("modelopt_state")
+    if text is None:
+        raise ValueError(f"{where}: the metadata has no 'modelopt_state'")
+    try:
+        payload = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ValueError(f"{where}: 'modelopt_state' is not valid base64 ({exc})") from None
+    decode = _codec("decode_state")
+    try:
+        return decode(payload, extras)
+    except ValueError as exc:
+        raise type(exc)(f"{where}: modelopt_state: {exc}") from exc
+
+
+def load_file(path: PathLike, verify: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Read a modelopt_c safetensors file: ``(modelopt_state, state_dict)``.
+
+    The tensors are CPU tensors over a copy-on-write mapping of the file (zero-copy).
+    ``verify=True`` checks every tensor's checksum first.
+    """
+    where = os.fspath(path)
+    metadata, tensors = _conversion.st_read(path, verify=verify)
+    extras, state_dict = split_tensors(tensors, where)
+    state = decode_metadata_state(metadata, extras, where)
+    return state, state_dict
+
+
+def read_header(path: PathLike) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...], int, int]], int]:
+    """Validate the header only: ``(metadata, {name: (dtype, shape, begin, end)}, data_start)``."""
+    return _conversion.st_read_header(path)
+
+
+def _first_bytes(source: Union[PathLike, bytes, bytearray, memoryview, BinaryIO], n: int) -> tuple[bytes, int | None]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source[:n]), None
+    if hasattr(source, "read") and hasattr(source, "seek"):
+        pos = source.tell()
+        try:
+            head = source.read(n)
+        finally:
+            source.seek(pos)
+        return bytes(head), None
+    with open(source, "rb") as f:
+        head = f.read(n)
+        size = os.fstat(f.fileno()).st_size
+    return head, size
+
+
+def is_safetensors_file(source: Union[PathLike, bytes, bytearray, memoryview, BinaryIO]) -> bool:
+    """Whether ``source`` (a path, a binary file object or its first bytes) looks like safetensors.
+
+    True when the 8-byte little-endian header length is plausible (2..100 MB, and
+    within the file when the size is known) and the header starts with ``{``.
+    A torch-format checkpoint is a zip file and starts with ``PK\\x03\\x04``.
+    """
+    try:
+        head, size = _first_bytes(source, 9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    if not 2 <= n <= MAX_HEADER or (size is not None and n > size - 8):
+        return False
+    return head[8:9] == b"{"
+
+
+def is_torch_zip(source: Union[PathLike, bytes, bytearray, memoryview, BinaryIO]) -> bool:
+    """Whether ``source`` starts like a zip archive, the container of ``torch.save``."""
+    try:
+        head, _ = _first_bytes(source, 4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04"

@@ -1,0 +1,461 @@
+"""The safetensors-compatible format: round trips, peer compatibility with the
+safetensors package, zero-copy reads, crash-safe writes and hostile files."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _st_support import ROOT, Tiny, _conversion, install_codec, sample_state
+
+from modelopt_c import st_format
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+from safetensors import safe_open  # noqa: E402
+
+CORPUS = Path(__file__).resolve().parent / "st_corpus"
+
+
+@pytest.fixture(autouse=True)
+def _codec(monkeypatch):
+    install_codec(monkeypatch)
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-exact equality (NaN-safe, any dtype)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+
+
+def raw_file(path: Path, header: bytes, data: bytes = b"", n: int | None = None) -> Path:
+    path.write_bytes(struct.pack("<Q", len(header) if n is None else n) + header + data)
+    return path
+
+
+def many_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(5, 7, generator=g)
+    return {
+        "f32": r,
+        "f16": r.half(),
+        "bf16": r.bfloat16(),
+        "f64": r.double(),
+        "i8": torch.randint(-128, 127, (9,), dtype=torch.int8, generator=g),
+        "i16": torch.randint(-(2**15), 2**15 - 1, (3, 3), dtype=torch.int16, generator=g),
+        "i32": torch.randint(-(2**31), 2**31 - 1, (4,), dtype=torch.int32, generator=g),
+        "i64": torch.tensor([-(2**63), 2**63 - 1, 0]),
+        "u8": torch.randint(0, 255, (13,), dtype=torch.uint8, generator=g),
+        "bool": torch.tensor([True, False, True]),
+        "f8": (r * 3).to(torch.float8_e4m3fn),
+        "f8b": r.to(torch.float8_e5m2),
+        "scalar": torch.tensor(3.25),
+        "empty": torch.zeros(0, 4),
+        "empty_i8": torch.zeros(3, 0, dtype=torch.int8),
+        "noncontig": r.t(),
+        "strided": r[::2, 1::3],
+        "nan": torch.tensor([float("nan"), float("inf"), -0.0]),
+        "unicode ключ/é": torch.ones(2),
+        'quote"and\\back\nslash': torch.ones(1, dtype=torch.int16),
+    }
+
+
+# ----------------------------------------------------------------- round trips
+
+
+def test_round_trip_bit_exact(tmp_path):
+    src = many_tensors()
+    path = tmp_path / "m.safetensors"
+    _conversion.st_write(str(path), src, {"k": "v", "é": "ü"})
+    metadata, out = _conversion.st_read(str(path), verify=True)
+    assert list(out) == list(src)  # header order is the caller's order
+    for name, t in src.items():
+        assert same(t, out[name]), name
+        assert out[name].device.type == "cpu"
+    assert metadata["k"] == "v" and metadata["é"] == "ü"
+    assert metadata["checksum_algorithm"] == "xxh64"
+    assert set(json.loads(metadata["checksums"])) == set(src)
+
+
+def test_data_starts_aligned_and_tensors_naturally_aligned(tmp_path):
+    path = tmp_path / "a.safetensors"
+    _conversion.st_write(path, many_tensors(), {})
+    _, header, data_start = _conversion.st_read_header(path)
+    assert data_start % 64 == 0
+    sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
+    for name, (dtype, _, begin, _) in header.items():
+        assert begin % sizes.get(dtype, 1) == 0, name
+
+
+def test_pathlike_and_progress(tmp_path):
+    calls = []
+    big = {"w": torch.zeros(70 << 18)}  # 70 MiB: one mid-write report and the final one
+    _conversion.st_write(tmp_path / "p.safetensors", big, {}, progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1] == (70 << 20, 70 << 20)
+    assert len(calls) >= 2
+
+
+def test_safetensors_package_reads_our_file(tmp_path):
+    src = many_tensors()
+    path = tmp_path / "m.safetensors"
+    _conversion.st_write(str(path), src, {"format": "x"})
+    loaded = safetensors_torch.load_file(str(path))
+    assert set(loaded) == set(src)
+    for name, t in src.items():
+        assert same(t, loaded[name]), name
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["format"] == "x"
+        assert "checksums" in f.metadata()
+
+
+def test_we_read_files_of_the_safetensors_package(tmp_path):
+    src = {k: v.contiguous() for k, v in many_tensors().items() if k not in ("noncontig", "strided")}
+    path = tmp_path / "theirs.safetensors"
+    safetensors_torch.save_file(src, str(path), metadata={"a": "b"})
+    metadata, out = _conversion.st_read(str(path))
+    assert metadata == {"a": "b"}
+    for name, t in src.items():
+        assert same(t, out[name]), name
+    with pytest.raises(ValueError, match="no checksums to verify"):
+        _conversion.st_read(str(path), verify=True)
+    safetensors_torch.save_file({"x": torch.ones(2)}, str(path))  # no metadata at all
+    assert _conversion.st_read(str(path))[0] == {}
+
+
+def test_xxh64_known_vectors():
+    assert _conversion.st_xxh64(b"") == 0xEF46DB3751D8E999
+    assert _conversion.st_xxh64(b"abc") == 0x44BC2CF5AD770999
+    assert _conversion.st_xxh64(b"Nobody inspects the spammish repetition") == 0xFBCEA83C8A378BF1
+    # Every tail length goes through the same digest as a one-shot call.
+    data = bytes(range(256)) * 3
+    assert len({_conversion.st_xxh64(data[:n]) for n in range(0, 100)}) == 100
+
+
+# ----------------------------------------------------------------- zero copy
+
+
+def test_tensors_are_views_over_the_mapping(tmp_path):
+    path = tmp_path / "z.safetensors"
+    src = {"a": torch.arange(1000, dtype=torch.float32), "b": torch.arange(10, dtype=torch.int64)}
+    _conversion.st_write(path, src, {})
+    _, out = _conversion.st_read(path)
+    _, header, data_start = _conversion.st_read_header(path)
+    # The two tensors sit exactly as far apart in memory as in the file.
+    ptr_a, ptr_b = out["a"].data_ptr(), out["b"].data_ptr()
+    assert ptr_a - ptr_b == header["a"][2] - header["b"][2]
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    hits = [m for m in maps if m.endswith(str(path))]
+    assert hits, "the file is not mapped"
+    spans = [tuple(int(x, 16) for x in m.split()[0].split("-")) for m in hits]
+    assert any(lo <= ptr_a < hi for lo, hi in spans)
+    # Writes stay private (copy-on-write): the file never changes.
+    before = path.read_bytes()
+    out["a"].add_(1)
+    assert path.read_bytes() == before
+    assert same(_conversion.st_read(path)[1]["a"], src["a"])
+
+
+def test_mapping_outlives_the_dict(tmp_path):
+    path = tmp_path / "z.safetensors"
+    _conversion.st_write(path, {"a": torch.arange(4096.0), "b": torch.ones(3)}, {})
+    _, out = _conversion.st_read(path)
+    keep = out["a"]
+    del out
+    import gc
+
+    gc.collect()
+    assert keep.sum().item() == sum(range(4096))
+    assert any(m.endswith(str(path)) for m in Path("/proc/self/maps").read_text().splitlines())
+    del keep
+    gc.collect()
+    assert not any(m.endswith(str(path)) for m in Path("/proc/self/maps").read_text().splitlines())
+
+
+# ----------------------------------------------------------------- modelopt layer
+
+
+def test_save_load_file_modelopt(tmp_path):
+    model = Tiny()
+    state = sample_state()
+    path = tmp_path / "model.safetensors"
+    st_format.save_file(path, model.state_dict(), state)
+    got_state, sd = st_format.load_file(path, verify=True)
+    assert got_state["modelopt_version"] == "0.1.0"
+    (name0, body0), (name1, body1) = got_state["modelopt_state_dict"]
+    assert (name0, name1) == ("quantize", "sparsity")
+    assert body0["config"] == {"num_bits": 8, "axis": None, "names": ["a", "b"]}
+    assert same(body0["metadata"]["amax"], torch.tensor([1.5, 2.0]))
+    assert same(body1["metadata"]["masks"]["w"], torch.ones(2, 2, dtype=torch.bool))
+    ref = model.state_dict()
+    assert list(sd) == list(ref)
+    assert all(same(ref[k], sd[k]) for k in ref)
+    # Any safetensors reader sees the weights plus the reserved-prefix extras.
+    plain = safetensors_torch.load_file(str(path))
+    weights = {k: v for k, v in plain.items() if not k.startswith(st_format.RESERVED_PREFIX)}
+    assert set(weights) == set(ref) and all(same(ref[k], weights[k]) for k in ref)
+    assert sorted(k for k in plain if k.startswith(st_format.RESERVED_PREFIX)) == [
+        "__modelopt_state__.0", "__modelopt_state__.1"]
+    model2 = Tiny()
+    model2.load_state_dict(sd)
+    assert all(same(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+
+
+def test_load_file_rejects_plain_and_foreign_versions(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    safetensors_torch.save_file({"x": torch.ones(2)}, str(path))
+    with pytest.raises(ValueError, match="not a modelopt_c checkpoint"):
+        st_format.load_file(path)
+    _conversion.st_write(path, {}, {"format": "modelopt_c", "format_version": "9", "modelopt_state": ""})
+    with pytest.raises(ValueError, match="format_version '9' is not supported"):
+        st_format.load_file(path)
+    _conversion.st_write(path, {}, {"format": "modelopt_c", "format_version": "1", "modelopt_state": "!!"})
+    with pytest.raises(ValueError, match="not valid base64"):
+        st_format.load_file(path)
+    with pytest.raises(ValueError, match="reserved prefix"):
+        st_format.save_file(path, {"__modelopt_state__.0": torch.ones(1)}, sample_state())
+
+
+def test_is_safetensors_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    st_format.save_file(path, {"w": torch.ones(2)}, sample_state())
+    assert st_format.is_safetensors_file(path)
+    assert st_format.is_safetensors_file(path.read_bytes()[:9])
+    with open(path, "rb") as f:
+        assert st_format.is_safetensors_file(f) and f.tell() == 0
+    pt = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(2)}, pt)
+    assert not st_format.is_safetensors_file(pt)
+    assert st_format.is_torch_zip(pt) and not st_format.is_torch_zip(path)
+    assert not st_format.is_safetensors_file(b"\xff" * 8 + b"{")
+    assert not st_format.is_safetensors_file(b"short")
+    assert not st_format.is_safetensors_file(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------- crash safety
+
+
+def _no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if ".tmp-" in p.name]
+
+
+def test_failed_write_leaves_old_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    _conversion.st_write(path, {"old": torch.ones(3)}, {})
+    old = path.read_bytes()
+
+    def boom(done, total):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        _conversion.st_write(path, {"a": torch.zeros(70 << 18), "b": torch.ones(4)}, {}, progress=boom)
+    assert path.read_bytes() == old and _no_temp_files(tmp_path)
+    with pytest.raises(TypeError, match="not a torch.Tensor"):
+        _conversion.st_write(path, {"a": torch.ones(2), "b": [1, 2]}, {})
+    with pytest.raises(ValueError, match="reserved"):
+        _conversion.st_write(path, {"a": torch.ones(2)}, {"checksums": "x"})
+    with pytest.raises(ValueError, match="cannot store|cannot read"):
+        _conversion.st_write(path, {"c": torch.ones(2, dtype=torch.complex64)}, {})
+    with pytest.raises(ValueError, match="cannot read tensor .m."):
+        _conversion.st_write(path, {"m": torch.ones(2, device="meta")}, {})
+    assert path.read_bytes() == old and _no_temp_files(tmp_path)
+
+
+def test_disk_full_leaves_old_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    _conversion.st_write(path, {"old": torch.ones(3)}, {})
+    old = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # writes past 1 MiB fail with EFBIG
+    try:
+        with pytest.raises(OSError) as info:
+            _conversion.st_write(path, {"big": torch.zeros(1 << 20)}, {})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == old and _no_temp_files(tmp_path)
+
+
+def test_rename_failure_cleans_up(tmp_path):
+    target = tmp_path / "adir"
+    target.mkdir()
+    with pytest.raises(OSError):
+        _conversion.st_write(target, {"a": torch.ones(2)}, {})
+    assert target.is_dir() and _no_temp_files(tmp_path)
+    with pytest.raises(OSError, match="missing"):
+        _conversion.st_write(tmp_path / "missing" / "x.safetensors", {}, {})
+
+
+def test_overwrite_keeps_mode(tmp_path):
+    path = tmp_path / "m.safetensors"
+    _conversion.st_write(path, {"a": torch.ones(1)}, {})
+    os.chmod(path, 0o600)
+    _conversion.st_write(path, {"a": torch.zeros(1)}, {})
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+# ----------------------------------------------------------------- hostile files
+
+
+def test_every_truncation_is_a_clean_error(tmp_path):
+    src = tmp_path / "full.safetensors"
+    _conversion.st_write(src, {"a": torch.arange(6.0), "b": torch.ones(2, dtype=torch.int16)}, {"k": "v"})
+    data = src.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    for n in range(len(data)):
+        cut.write_bytes(data[:n])
+        with pytest.raises(ValueError) as info:
+            _conversion.st_read(cut)
+        assert str(info.value).startswith(f"{cut}: "), (n, str(info.value))
+
+
+@pytest.mark.parametrize(
+    "header, data, n, message",
+    [
+        (b"{}", b"", 2**64 - 1, "over the 100000000-byte limit"),
+        (b"{}", b"", 100, "runs past the end of the file"),
+        (b"[]", b"", None, "not a JSON object"),
+        (b'{"a":', b"", None, "invalid header JSON"),
+        (b'"abc"', b"", None, "not a JSON object"),
+        (b'{"a": {"dtype":"U8","shape":[1],"data_offsets":[0,1]}, "a": {"dtype":"U8","shape":[0],"data_offsets":[1,1]}}',
+         b"\0", None, "duplicate tensor name 'a'"),
+        (b'{"__metadata__": {"k":"1","k":"2"}}', b"", None, "duplicate metadata key 'k'"),
+        (json.dumps({"a": {"dtype": "X9", "shape": [1], "data_offsets": [0, 1]}}).encode(), b"\0", None,
+         "unknown dtype 'X9'"),
+        (json.dumps({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode(), b"\0" * 8, None,
+         "need 12 bytes but data_offsets span 8"),
+        (json.dumps({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+                     "b": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]}}).encode(), b"\0" * 6, None,
+         "overlap tensor 'a'"),
+        (json.dumps({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                     "b": {"dtype": "U8", "shape": [2], "data_offsets": [4, 6]}}).encode(), b"\0" * 6, None,
+         "a gap of 2 bytes"),
+        (json.dumps({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 200]}}).encode(), b"\0" * 2, None,
+         "run past the 2-byte data section"),
+        (json.dumps({"a": {"dtype": "U8", "shape": [0], "data_offsets": [2, 0]}}).encode(), b"\0" * 2, None,
+         "end before they begin"),
+        (json.dumps({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}).encode(), b"\0" * 5, None,
+         "3 bytes that no tensor covers"),
+        (json.dumps({"a": {"dtype": "U8", "shape": [-2], "data_offsets": [0, 2]}}).encode(), b"\0" * 2, None,
+         "non-negative integers"),
+        (json.dumps({"a": {"dtype": "I64", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}).encode(), b"\0" * 8,
+         None, "need over"),
+        (json.dumps({"a": 5}).encode(), b"", None, "entry must be an object"),
+    ],
+)
+def test_lying_headers(tmp_path, header, data, n, message):
+    path = raw_file(tmp_path / "bad.safetensors", header, data, n)
+    for reader in (_conversion.st_read, _conversion.st_read_header):
+        with pytest.raises(ValueError) as info:
+            reader(path)
+        text = str(info.value)
+        assert text.startswith(f"{path}: ") and message in text, text
+
+
+def test_checksum_mismatch_names_the_tensor(tmp_path):
+    path = tmp_path / "c.safetensors"
+    _conversion.st_write(path, {"first": torch.zeros(16), "second": torch.ones(16, dtype=torch.float64)}, {})
+    _, header, data_start = _conversion.st_read_header(path)
+    blob = bytearray(path.read_bytes())
+    blob[data_start + header["first"][2] + 5] ^= 0x01
+    path.write_bytes(bytes(blob))
+    _conversion.st_read(path)  # the layout is still valid
+    with pytest.raises(ValueError, match=r"tensor 'first': checksum mismatch"):
+        _conversion.st_read(path, verify=True)
+
+
+def test_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        _conversion.st_read(fifo)  # must not block on open
+    with pytest.raises(ValueError, match="not a regular file"):
+        _conversion.st_read(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        _conversion.st_read(tmp_path / "nope")
+
+
+def test_adversarial_corpus_in_a_subprocess():
+    files = sorted(CORPUS.glob("*.safetensors"))
+    assert len(files) >= 30
+    script = (
+        "import sys; sys.path.insert(0, 'tests'); import _st_support\n"
+        "from modelopt_c import _conversion as C\n"
+        "for f in sys.argv[1:]:\n"
+        "    for fn in (C.st_read_header, C.st_read):\n"
+        "        try:\n"
+        "            fn(f)\n"
+        "            print('ACCEPTED', f)\n"
+        "        except ValueError as e:\n"
+        "            assert str(e).startswith(f + ': '), str(e)\n"
+        "print('DONE')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, *map(str, files)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ACCEPTED" not in run.stdout and run.stdout.strip().endswith("DONE"), run.stdout
+
+
+def test_reference_counts_do_not_leak(tmp_path):
+    path = tmp_path / "leak.safetensors"
+    src = {"a": torch.ones(3), "b": torch.zeros(2, dtype=torch.int8)}
+    _conversion.st_write(path, src, {"k": "v"})
+    bad = raw_file(tmp_path / "bad.safetensors", b'{"a": {"dtype":"U8","shape":[3],"data_offsets":[0,2]}}', b"\0\0")
+
+    def cycle():
+        _conversion.st_write(path, src, {"k": "v"})
+        _conversion.st_read(path, verify=True)
+        _conversion.st_read_header(path)
+        with pytest.raises(ValueError):
+            _conversion.st_read(bad)
+
+    for _ in range(20):
+        cycle()
+    before = sys.gettotalrefcount() if hasattr(sys, "gettotalrefcount") else None
+    import gc
+
+    gc.collect()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    maps_before = len(Path("/proc/self/maps").read_text().splitlines())
+    for _ in range(200):
+        cycle()
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert len(Path("/proc/self/maps").read_text().splitlines()) <= maps_before + 2  # no mapping leaks
+    if before is not None:
+        assert sys.gettotalrefcount() - before < 100
+
+
+def test_no_memory_growth_in_an_isolated_process(tmp_path):
+    script = (
+        "import gc, os, sys; sys.path.insert(0, 'tests'); import _st_support, torch\n"
+        "from modelopt_c import _conversion as C\n"
+        "p = sys.argv[1]; bad = sys.argv[2]\n"
+        "open(bad, 'wb').write((20).to_bytes(8, 'little') + b'{\"a\": {\"dtype\": 1}}')\n"
+        "src = {'a': torch.randn(256, 256), 'b': torch.ones(1000, dtype=torch.int8)}\n"
+        "def rss(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+        "def cycle():\n"
+        "    C.st_write(p, src, {'k': 'v'})\n"
+        "    md, t = C.st_read(p, verify=True); keep = t['a']; del t; keep.sum()\n"
+        "    C.st_read_header(p)\n"
+        "    for f in (C.st_read, C.st_read_header):\n"
+        "        try: f(bad)\n"
+        "        except ValueError: pass\n"
+        "for _ in range(50): cycle()\n"
+        "gc.collect(); before = rss()\n"
+        "for _ in range(500): cycle()\n"
+        "gc.collect(); print((rss() - before) >> 20)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.safetensors"), str(tmp_path / "bad.st")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.strip()) < 16, f"RSS grew by {run.stdout.strip()} MiB over 500 cycles"
