@@ -1,0 +1,99 @@
+"""The safetensors-compatible format through the public save / restore (issue 4)."""
+
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import modelopt_c as mto
+from modes import TinyNet
+
+
+@pytest.fixture
+def converted(net):
+    return mto.apply_mode(net, ["t_replace", ("t_sparse", {"sparsity": 0.5})])
+
+
+def test_suffix_selects_the_format_and_restore_matches(converted, tmp_path, x):
+    path = tmp_path / "c.safetensors"
+    mto.save(converted, path)
+    assert path.read_bytes()[8:9] == b"{"
+    restored = mto.restore(TinyNet(), path)
+    assert torch.equal(restored(x), converted(x))
+    assert restored._modelopt_state == mto.modelopt_state(converted)["modelopt_state_dict"]
+
+
+def test_restore_detects_the_format_from_bytes_not_name(converted, tmp_path, x):
+    path = tmp_path / "looks_like_torch.pt"
+    mto.save(converted, path, format="safetensors")
+    assert torch.equal(mto.restore(TinyNet(), path)(x), converted(x))
+    other = tmp_path / "looks_like_st.safetensors"
+    mto.save(converted, other, format="torch")
+    assert other.read_bytes().startswith(b"PK")
+    assert torch.equal(mto.restore(TinyNet(), other)(x), converted(x))
+
+
+def test_any_safetensors_reader_gets_the_weights(converted, tmp_path):
+    from safetensors.torch import load_file
+
+    mto.save(converted, tmp_path / "c.safetensors")
+    loaded = load_file(str(tmp_path / "c.safetensors"))
+    weights = {k: v for k, v in loaded.items() if not k.startswith("__modelopt_state__.")}
+    expected = converted.state_dict()
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_meta_model_restores_from_the_mapping(converted, tmp_path, x):
+    mto.save(converted, tmp_path / "c.safetensors")
+    with torch.device("meta"):
+        skeleton = TinyNet()
+    restored = mto.restore(skeleton, tmp_path / "c.safetensors")
+    assert torch.equal(restored(x), converted(x))
+
+
+def test_state_tensors_survive(tmp_path, net):
+    model = mto.apply_mode(net, "t_sparse")  # its metadata holds a torch.Size
+    mto.save(model, tmp_path / "c.safetensors")
+    restored = mto.restore(TinyNet(), tmp_path / "c.safetensors")
+    assert restored._modelopt_state[0][1]["metadata"]["shape"] == torch.Size([2, 3])
+
+
+def test_format_arguments(converted, tmp_path):
+    with pytest.raises(ValueError, match="Unknown checkpoint format 'onnx': use 'torch' or 'safetensors'."):
+        mto.save(converted, tmp_path / "c.bin", format="onnx")
+    with pytest.raises(TypeError, match="format='safetensors' needs a file path"):
+        mto.save(converted, io.BytesIO(), format="safetensors")
+    with pytest.raises(TypeError, match="takes no torch.save options"):
+        mto.save(converted, tmp_path / "c.safetensors", pickle_protocol=2)
+    assert not list(tmp_path.iterdir())
+
+
+def test_corrupt_file_names_the_file(converted, tmp_path):
+    path = tmp_path / "c.safetensors"
+    mto.save(converted, path)
+    data = bytearray(path.read_bytes())
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ValueError, match=str(path)):
+        mto.restore(TinyNet(), path)
+
+
+def test_wrong_architecture_from_safetensors(converted, tmp_path):
+    mto.save(converted, tmp_path / "c.safetensors")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        mto.restore(nn.Sequential(nn.Linear(4, 8)), tmp_path / "c.safetensors")
+
+
+def test_reference_checkpoint_converted_by_the_cli_restores(tmp_path, x):
+    mo = pytest.importorskip("modelopt.torch.opt")
+    mts = pytest.importorskip("modelopt.torch.sparsity")
+    from modelopt_c.cli import main
+
+    torch.manual_seed(0)
+    model = mts.sparsify(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "sparse_magnitude")
+    mo.save(model, tmp_path / "ref.pt")
+    assert main(["convert", str(tmp_path / "ref.pt"), str(tmp_path / "ref.safetensors")]) == 0
+    torch.manual_seed(5)
+    restored = mto.restore(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), tmp_path / "ref.safetensors")
+    assert torch.equal(restored(x), model(x))
