@@ -2,135 +2,38 @@
  * (temp file in the same folder, fsync, rename, fsync the folder) and the in-place
  * weight loader, which copies each saved tensor into the model's own through the
  * ATen bridge so no second copy of the weights is ever held. */
-#define _GNU_SOURCE
 #include "module_state.h"
 #include "aten_bridge.h"
+#include "atomic_file.h"
 
-#include <dirent.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <limits.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/stat.h>
-#include <time.h>
-#include <unistd.h>
 
 /* ---- crash-safe replacement ------------------------------------------------------ */
-
-/* Split "dir/name" into its folder ("." when none) and base name; malloc'd copies. */
-static int
-split_path(const char *path, char **dir, char **base)
-{
-    const char *slash = strrchr(path, '/');
-    if (slash == NULL) {
-        *dir = strdup(".");
-        *base = strdup(path);
-    }
-    else {
-        size_t n = slash == path ? 1 : (size_t)(slash - path);
-        *dir = strndup(path, n);
-        *base = strdup(slash + 1);
-    }
-    if (*dir == NULL || *base == NULL || **base == '\0') {
-        free(*dir);
-        free(*base);
-        *dir = *base = NULL;
-        return -1;
-    }
-    return 0;
-}
-
-/* Remove temp files of earlier saves to this target whose writer is gone (killed). */
-static void
-remove_stale_temps(const char *dir, const char *base)
-{
-    char prefix[NAME_MAX + 16];
-    int plen = snprintf(prefix, sizeof(prefix), ".%s.tmp-", base);
-    if (plen <= 0 || (size_t)plen >= sizeof(prefix)) {
-        return;
-    }
-    DIR *d = opendir(dir);
-    if (d == NULL) {
-        return;
-    }
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (strncmp(e->d_name, prefix, (size_t)plen) != 0) {
-            continue;
-        }
-        long pid = strtol(e->d_name + plen, NULL, 10);
-        if (pid > 0 && pid != (long)getpid() && kill((pid_t)pid, 0) < 0 && errno == ESRCH) {
-            (void)unlinkat(dirfd(d), e->d_name, 0);
-        }
-    }
-    closedir(d);
-}
-
-static int
-fsync_path(const char *path, int flags)
-{
-    int fd = open(path, flags | O_CLOEXEC);
-    if (fd < 0) {
-        return -1;
-    }
-    int r = fsync(fd);
-    int saved = errno;
-    close(fd);
-    errno = saved;
-    return r;
-}
 
 /* torch.save(obj, path, **kwargs) so that `path` is replaced atomically. */
 static PyObject *
 save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObject *kwargs)
 {
     PyObject *encoded = NULL, *tmp_obj = NULL, *args = NULL, *res = NULL, *result = NULL;
-    char *dir = NULL, *base = NULL, tmp[PATH_MAX];
-    int created = 0, r, fd = -1;
+    AtomicFile af = {.fd = -1};
+    int r;
 
     if (!PyUnicode_FSConverter(path_obj, &encoded)) {
         return NULL;
     }
-    const char *path = PyBytes_AS_STRING(encoded);
-    if (split_path(path, &dir, &base) < 0) {
-        PyErr_Format(PyExc_ValueError, "cannot save to %R: not a file path", path_obj);
-        goto error;
-    }
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    if (snprintf(tmp, sizeof(tmp), "%s/.%s.tmp-%ld-%lx", dir, base, (long)getpid(),
-                 (unsigned long)(now.tv_nsec ^ (now.tv_sec << 20))) >= (int)sizeof(tmp)) {
-        PyErr_Format(PyExc_ValueError, "cannot save to %R: the path is too long", path_obj);
-        goto error;
-    }
     Py_BEGIN_ALLOW_THREADS
-    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    r = atomic_file_open(&af, PyBytes_AS_STRING(encoded));
     Py_END_ALLOW_THREADS
-    if (fd < 0) {
+    if (r < 0) {
         /* name the target, not our temp name: that is the path the user knows */
         PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
         goto error;
     }
-    created = 1;
-    if ((tmp_obj = PyUnicode_DecodeFSDefault(tmp)) == NULL || (args = PyTuple_Pack(2, obj, tmp_obj)) == NULL) {
-        goto error;
-    }
-    if ((res = PyObject_Call(cs->torch_save, args, kwargs)) == NULL) {
+    if ((tmp_obj = PyUnicode_DecodeFSDefault(af.tmp)) == NULL || (args = PyTuple_Pack(2, obj, tmp_obj)) == NULL ||
+        (res = PyObject_Call(cs->torch_save, args, kwargs)) == NULL) {
         goto error;
     }
     Py_BEGIN_ALLOW_THREADS
-    r = fdatasync(fd);
-    if (r == 0) {
-        r = rename(tmp, path);
-    }
-    if (r == 0) {
-        created = 0;
-        (void)fsync_path(dir, O_RDONLY | O_DIRECTORY); /* make the rename itself durable */
-        remove_stale_temps(dir, base);
-    }
+    r = atomic_file_commit(&af);
     Py_END_ALLOW_THREADS
     if (r < 0) {
         PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
@@ -138,14 +41,7 @@ save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObje
     }
     result = Py_NewRef(Py_None);
 error:
-    if (fd >= 0) {
-        close(fd);
-    }
-    if (created) {
-        (void)unlink(tmp);
-    }
-    free(dir);
-    free(base);
+    atomic_file_close(&af);
     Py_XDECREF(encoded);
     Py_XDECREF(tmp_obj);
     Py_XDECREF(args);

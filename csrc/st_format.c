@@ -4,6 +4,7 @@
  * zero-copy into tensors through the ATen bridge. */
 #include "st_format.h"
 #include "aten_bridge.h"
+#include "atomic_file.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -509,8 +510,8 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
     StOut *outs = NULL, **order = NULL;
     Py_ssize_t nout = 0, count = 0;
     StBuf hdr = {0}, tmp = {0};
-    char *tmppath = NULL;
-    int fd = -1;
+    AtomicFile af = {.fd = -1};
+    int fd = -1; /* af.fd, owned by af */
     AtbTensor *host = NULL;
     AtbError err;
     (void)module;
@@ -694,47 +695,19 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
 
     /* 3. The temporary file next to the target. */
     {
-        const char *p = PyBytes_AS_STRING(fsbytes);
-        size_t plen = (size_t)PyBytes_GET_SIZE(fsbytes);
-        const char *slash = memrchr(p, '/', plen);
-        size_t dlen = slash ? (size_t)(slash - p) : 0;
-        const char *base = slash ? slash + 1 : p;
-        size_t blen = plen - (size_t)(base - p);
-        if (blen == 0 || strlen(p) != plen) {
+        if (strlen(PyBytes_AS_STRING(fsbytes)) != (size_t)PyBytes_GET_SIZE(fsbytes)) {
             st_fail(display, "not a file name");
             goto error;
         }
-        tmppath = PyMem_Malloc(plen + 64);
-        if (tmppath == NULL) {
-            PyErr_NoMemory();
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = atomic_file_open(&af, PyBytes_AS_STRING(fsbytes));
+        Py_END_ALLOW_THREADS
+        if (rc < 0) {
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
             goto error;
         }
-        for (int attempt = 0; fd < 0; attempt++) {
-            uint64_t rnd = 0;
-            if (getrandom(&rnd, sizeof(rnd), GRND_NONBLOCK) != (ssize_t)sizeof(rnd)) {
-                struct timespec ts;
-                clock_gettime(CLOCK_MONOTONIC, &ts);
-                rnd = (uint64_t)ts.tv_nsec * XXH_P1 ^ (uint64_t)ts.tv_sec ^ (uint64_t)attempt;
-            }
-            snprintf(tmppath, plen + 64, "%.*s%s.%.*s.tmp-%ld-%08llx", (int)dlen, p, slash ? "/" : "",
-                     (int)(blen > 200 ? 200 : blen), base, (long)getpid(),
-                     (unsigned long long)(rnd & 0xffffffffULL));
-            if (slash == p) { /* a file in "/" */
-                snprintf(tmppath, plen + 64, "/.%.*s.tmp-%ld-%08llx", (int)(blen > 200 ? 200 : blen), base,
-                         (long)getpid(), (unsigned long long)(rnd & 0xffffffffULL));
-            }
-            fd = open(tmppath, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-            if (fd < 0 && (errno != EEXIST || attempt > 16)) {
-                PyMem_Free(tmppath);
-                tmppath = NULL; /* nothing to unlink */
-                PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
-                goto error;
-            }
-        }
-        struct stat old;
-        if (stat(p, &old) == 0 && S_ISREG(old.st_mode)) {
-            (void)fchmod(fd, old.st_mode & 07777);
-        }
+        fd = af.fd;
     }
 
     /* 4. Header (placeholders), then every tensor's bytes, hashed as they go. */
@@ -800,14 +773,14 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
         goto error;
     }
 
-    /* 5. Final header, fsync, rename, fsync the folder. */
+    /* 5. Final header, then fsync, rename, fsync the folder. */
     {
         int rc, saved_errno = 0;
         off_t zero = 0;
         Py_BEGIN_ALLOW_THREADS
         rc = st_write_all(fd, hdr.data, hdr.len, &zero);
         if (rc == 0) {
-            rc = fsync(fd);
+            rc = atomic_file_commit(&af);
         }
         saved_errno = errno;
         Py_END_ALLOW_THREADS
@@ -816,58 +789,13 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
             PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
             goto error;
         }
-        rc = close(fd);
-        fd = -1;
-        if (rc < 0 && errno != EINTR) {
-            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
-            goto error;
-        }
-        if (rename(tmppath, PyBytes_AS_STRING(fsbytes)) < 0) {
-            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
-            goto error;
-        }
-        PyMem_Free(tmppath);
-        tmppath = NULL;
-        const char *p = PyBytes_AS_STRING(fsbytes);
-        const char *slash = strrchr(p, '/');
-        char *dir = slash ? PyMem_Malloc((size_t)(slash - p) + 2) : NULL;
-        if (slash && dir == NULL) {
-            PyErr_NoMemory();
-            goto error;
-        }
-        if (dir) {
-            size_t dl = slash == p ? 1 : (size_t)(slash - p);
-            memcpy(dir, p, dl);
-            dir[dl] = '\0';
-        }
-        int dfd = open(dir ? dir : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        PyMem_Free(dir);
-        if (dfd >= 0) {
-            Py_BEGIN_ALLOW_THREADS
-            rc = fsync(dfd);
-            saved_errno = errno;
-            Py_END_ALLOW_THREADS
-            close(dfd);
-            if (rc < 0 && saved_errno != EINVAL && saved_errno != ENOTSUP) {
-                errno = saved_errno;
-                PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
-                goto error;
-            }
-        }
     }
 
     result = Py_NewRef(Py_None);
 
 error:
-    /* On success fd is closed and tmppath renamed (both reset), so only a failed
-     * write gets here with a temporary file to remove. */
-    if (fd >= 0) {
-        close(fd);
-    }
-    if (tmppath != NULL) {
-        unlink(tmppath);
-        PyMem_Free(tmppath);
-    }
+    /* closes the temp file and removes it unless it was committed */
+    atomic_file_close(&af);
     if (host != NULL) {
         atb_free(host);
     }

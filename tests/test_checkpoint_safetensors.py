@@ -97,3 +97,33 @@ def test_reference_checkpoint_converted_by_the_cli_restores(tmp_path, x):
     torch.manual_seed(5)
     restored = mto.restore(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), tmp_path / "ref.safetensors")
     assert torch.equal(restored(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["c.pt", "c.safetensors"])
+def test_temp_files_of_dead_writers_are_removed_live_ones_kept(converted, tmp_path, name):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # that process has exited
+    stale = tmp_path / f".{name}.tmp-{dead_pid}-deadbeef"
+    live = tmp_path / f".{name}.tmp-{os.getppid()}-cafecafe"  # pytest's parent is alive
+    other = tmp_path / f".other.pt.tmp-{dead_pid}-deadbeef"  # another target's: not ours to touch
+    for p in (stale, live, other):
+        p.write_bytes(b"half-written")
+    mto.save(converted, tmp_path / name)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert (tmp_path / name).exists()
+
+
+def test_replacement_keeps_the_old_file_permissions(converted, tmp_path):
+    import os
+    import stat
+
+    for name in ("p.pt", "p.safetensors"):
+        path = tmp_path / name
+        mto.save(converted, path)
+        os.chmod(path, 0o640)
+        mto.save(converted, path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640

@@ -1,0 +1,29 @@
+/* Crash-safe replacement of a file: write a temporary file in the target's folder,
+ * fsync it, rename it over the target, fsync the folder.  A crash or kill at any
+ * point leaves the old file or the new one; temp files of killed writers are
+ * removed by the next successful replacement of the same target.  Plain C, errno
+ * on failure, no Python: callable with the GIL released. */
+#ifndef MODELOPT_C_ATOMIC_FILE_H
+#define MODELOPT_C_ATOMIC_FILE_H
+
+typedef struct {
+    int fd;       /* the temp file, open for writing; -1 when closed */
+    char *tmp;    /* its path; NULL once renamed or removed */
+    char *target; /* the file it will replace */
+    char *dir;    /* the target's folder */
+    char *base;   /* the target's name in that folder */
+} AtomicFile;
+
+/* Create a fresh temp file beside `target` (mode 0666 & ~umask, or the target's own
+ * permission bits when it exists).  0, or -1 with errno set and nothing left behind. */
+int atomic_file_open(AtomicFile *af, const char *target);
+
+/* fsync the temp file, rename it over the target, fsync the folder and remove stale
+ * temp files of this target.  0, or -1 with errno (then call atomic_file_close). */
+int atomic_file_commit(AtomicFile *af);
+
+/* Close the temp file and remove it if it was not committed; free everything.
+ * Safe to call on a zeroed, failed or committed AtomicFile. */
+void atomic_file_close(AtomicFile *af);
+
+#endif
