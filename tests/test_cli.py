@@ -13,14 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from _st_support import ROOT, Tiny, _conversion, install_codec, sample_state
+from _st_support import ROOT, Tiny, _conversion, sample_state
 
 from modelopt_c import cli, st_format
-
-
-@pytest.fixture(autouse=True)
-def _codec(monkeypatch):
-    install_codec(monkeypatch)
 
 
 def run(*argv: str) -> tuple[int, str, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _st_support import ROOT, Tiny, _conversion, install_codec, sample_state
+from _st_support import ROOT, Tiny, _conversion, sample_state
 
 from modelopt_c import st_format
 
@@ -22,11 +22,6 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from safetensors import safe_open  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent / "st_corpus"
-
-
-@pytest.fixture(autouse=True)
-def _codec(monkeypatch):
-    install_codec(monkeypatch)
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
