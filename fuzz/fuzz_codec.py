@@ -23,13 +23,11 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from _native import load_native  # noqa: E402
-
-C = load_native(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))  # this tree's package
 
 import torch  # noqa: E402
+
+from modelopt_c import _conversion as C  # noqa: E402
 
 # FUZZ_CODEC_SELFTEST=1 makes every successful decode a failure: checks that the CI
 # plumbing (.ci/fuzz.sh) really reports a crash.

@@ -15,11 +15,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)  # this tree's package
 
-from _native import load_native  # noqa: E402
-
-C = load_native(ROOT)
+from modelopt_c import _conversion as C  # noqa: E402
 OUT = os.path.join(ROOT, "tests", "codec_corpus")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch as _torch  # noqa: F401  (the native module links against libtorch)
 
-from . import _conversion
 from ._conversion import (
     ApplyModeError,
     ModeloptStateManager,

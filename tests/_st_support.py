@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if sys.path[:1] != [str(ROOT)]:
     sys.path.insert(0, str(ROOT))  # this tree's package, not an installed one
 
-from modelopt_c import _conversion  # noqa: E402
+from modelopt_c import _conversion  # noqa: E402,F401  (re-exported to the tests)
 
 
 def sample_state() -> dict[str, Any]:

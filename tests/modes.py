@@ -10,7 +10,6 @@ import types
 
 import torch
 import torch.nn as nn
-from pydantic import Field
 
 
 def facade(name: str) -> types.SimpleNamespace:

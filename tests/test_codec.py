@@ -4,7 +4,6 @@ clear encode errors with key paths, and a decoder that survives hostile bytes.""
 from __future__ import annotations
 
 import glob
-import importlib.util
 import math
 import mmap
 import os
@@ -20,25 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(ROOT, "tests", "codec_corpus")
 
 
-def _load_native():
-    """modelopt_c._conversion; loaded from its file while the package's __init__
-    cannot import yet (it re-exports names other parts of the tree still add)."""
-    try:
-        from modelopt_c import _conversion
-
-        return _conversion
-    except ImportError:
-        if "modelopt_c._conversion" in sys.modules:
-            return sys.modules["modelopt_c._conversion"]
-        (path,) = glob.glob(os.path.join(ROOT, "modelopt_c", "_conversion*.so"))
-        spec = importlib.util.spec_from_file_location("modelopt_c._conversion", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["modelopt_c._conversion"] = module
-        return module
-
-
-C = _load_native()
+from modelopt_c import _conversion as C  # noqa: E402
 encode = C.encode_state
 decode = C.decode_state
 DecodeError = C.StateDecodeError

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 import modelopt_c as mto
 
