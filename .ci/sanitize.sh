@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the extension with ASan + UBSan (MODELOPT_C_SANITIZE=1) in a temporary
 # copy of the tree, so the normal in-place build is untouched, and run
-# tests/test_codec.py against it.  Exits non-zero on any test failure or
+# the codec, core and format tests against it.  Exits non-zero on any test failure or
 # sanitizer report (ASan aborts; UBSan is built with -fno-sanitize-recover).
 #
 #   .ci/sanitize.sh [extra pytest args]
@@ -45,15 +45,16 @@ fi
 grep -q "AddressSanitizer" selfcheck.log || { echo "sanitize.sh: self-check failed for another reason:" >&2; cat selfcheck.log >&2; exit 1; }
 nm -D modelopt_c/_conversion*.so >symbols.txt; grep -q __asan_report symbols.txt ||  # no pipe: grep -q + pipefail = SIGPIPE
     { echo "sanitize.sh: extension not instrumented" >&2; exit 1; }
-echo "sanitize.sh: ASan self-check fired as expected; running the codec tests"
+echo "sanitize.sh: ASan self-check fired as expected; running the codec, core and format tests"
 
-# 2. the codec tests and the core's (manager, conversion, checkpoints) against the
-#    instrumented build
+# 2. the codec tests, the core's (manager, conversion, checkpoints) and the format's
+#    (writer incl. the staging pipeline, hostile headers) against the instrumented build
 # --capture=sys: pytest must not swallow fd 2, where ASan/UBSan write their report
 # right before they abort the process.
 LD_PRELOAD="$asan_lib" python -m pytest -q -p no:cacheprovider --capture=sys \
     tests/test_codec.py tests/test_state_manager.py tests/test_conversion.py \
-    tests/test_config_and_modes.py tests/test_checkpoint_torch.py "$@" || {
+    tests/test_config_and_modes.py tests/test_checkpoint_torch.py \
+    tests/test_st_format.py tests/test_checkpoint_safetensors.py "$@" || {
     status=$?
     echo "sanitize.sh: FAILED (exit $status; a sanitizer report, if any, is above)" >&2
     exit "$status"

@@ -6,10 +6,14 @@
 #include <ATen/ATen.h>
 #include <ATen/DLConvertor.h>
 #include <ATen/Context.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <memory>
+#include <optional>
 
 struct AtbTensor {
     at::Tensor t;
@@ -128,6 +132,83 @@ int atb_host_contiguous(const AtbTensor *t, AtbTensor **host, AtbError *err) {
     *host = new AtbTensor{std::move(pinned)};
     return 0;
     ATB_CATCH(err)
+}
+
+struct AtbStager {
+    int64_t chunk;
+    at::Tensor buf[2];                 // host buffers, `chunk` bytes each
+    at::Tensor src[2];                 // the source of the copy in flight, kept alive
+    std::optional<c10::Event> done[2]; // recorded after a device copy; empty for CPU
+    const AtbTensor *key = nullptr;    // the tensor `image` was made from
+    at::Tensor image;                  // its C-contiguous bytes, 1-D uint8, on its device
+};
+
+int atb_stager_new(size_t chunk, int pinned, AtbStager **out, AtbError *err) {
+    ATB_TRY
+    auto s = std::make_unique<AtbStager>();
+    s->chunk = static_cast<int64_t>(chunk);
+    auto opts = at::TensorOptions().dtype(at::kByte).pinned_memory(pinned != 0);
+    for (auto &b : s->buf) b = at::empty({s->chunk}, opts);
+    *out = s.release();
+    return 0;
+    ATB_CATCH(err)
+}
+
+int atb_stager_start(AtbStager *s, int slot, const AtbTensor *t, int64_t off, int64_t n, AtbError *err) {
+    ATB_TRY
+    if (slot < 0 || slot > 1 || n < 0 || n > s->chunk) {
+        std::snprintf(err->msg, sizeof(err->msg), "stager: bad slot %d or length %lld", slot, (long long)n);
+        return -1;
+    }
+    if (s->key != t) {
+        s->image = t->t.contiguous().reshape({-1}).view(at::kByte);
+        s->key = t;
+    }
+    if (off < 0 || off + n > s->image.numel()) {
+        std::snprintf(err->msg, sizeof(err->msg), "stager: bytes [%lld, %lld) outside a tensor of %lld bytes",
+                      (long long)off, (long long)(off + n), (long long)s->image.numel());
+        return -1;
+    }
+    s->done[slot].reset();
+    s->src[slot] = s->image;
+    s->buf[slot].narrow(0, 0, n).copy_(s->image.narrow(0, off, n), /*non_blocking=*/true);
+    if (!s->image.is_cpu()) {
+        const c10::Device device = s->image.device();
+        c10::impl::VirtualGuardImpl guard(device.type());
+        s->done[slot].emplace(device.type());
+        s->done[slot]->record(guard.getStream(device));
+    }
+    return 0;
+    ATB_CATCH(err)
+}
+
+int atb_stager_wait(AtbStager *s, int slot, const void **data, AtbError *err) {
+    ATB_TRY
+    if (slot < 0 || slot > 1) {
+        std::snprintf(err->msg, sizeof(err->msg), "stager: bad slot %d", slot);
+        return -1;
+    }
+    if (s->done[slot]) {
+        s->done[slot]->synchronize();
+        s->done[slot].reset();
+    }
+    s->src[slot] = at::Tensor();
+    *data = s->buf[slot].const_data_ptr();
+    return 0;
+    ATB_CATCH(err)
+}
+
+void atb_stager_free(AtbStager *s) {
+    if (s == nullptr) return;
+    // A copy may still be in flight into a buffer that is about to be freed (an
+    // error path): wait for it; nothing can be reported from here.
+    for (auto &d : s->done) {
+        try {
+            if (d) d->synchronize();
+        } catch (...) {
+        }
+    }
+    delete s;
 }
 
 int atb_cuda_available(void) {

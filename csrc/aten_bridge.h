@@ -56,6 +56,28 @@ int atb_is_cpu(const AtbTensor *t);
 int atb_host_contiguous(const AtbTensor *t, AtbTensor **host, AtbError *err);
 const void *atb_data(const AtbTensor *t);
 
+/* A stager moves the bytes of (device) tensors to the host in chunks, through two
+ * host buffers of `chunk` bytes (page-locked when `pinned`, which needs an
+ * accelerator), so that the copy of the next chunk runs while the caller writes
+ * the previous one:
+ *
+ *     start(slot 0, piece 0); start(slot 1, piece 1); wait(slot 0) -> write;
+ *     start(slot 0, piece 2); wait(slot 1) -> write; ...
+ *
+ * start() queues bytes [off, off + n) of the C-contiguous byte image of `t`
+ * (n <= chunk) on the current stream of t's device and returns at once; wait()
+ * blocks until that copy has landed and gives the buffer's address, valid until
+ * the next start() on the same slot.  For a CPU tensor the copy is synchronous
+ * (used by tests to exercise the same pipeline without a GPU).  `t` is borrowed
+ * and must outlive the stager's use of it; the stager keeps a contiguous image
+ * of the last tensor it was given, so a non-contiguous tensor is made contiguous
+ * once, not once per chunk. */
+typedef struct AtbStager AtbStager;
+int atb_stager_new(size_t chunk, int pinned, AtbStager **out, AtbError *err);
+int atb_stager_start(AtbStager *s, int slot, const AtbTensor *t, int64_t off, int64_t n, AtbError *err);
+int atb_stager_wait(AtbStager *s, int slot, const void **data, AtbError *err);
+void atb_stager_free(AtbStager *s);
+
 /* Whether CUDA is usable in this process (0/1). */
 int atb_cuda_available(void);
 

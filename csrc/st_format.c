@@ -490,11 +490,187 @@ st_call_progress(PyObject *progress, uint64_t done, uint64_t total)
     return 0;
 }
 
+/* One piece of the data section: bytes [off, off + n) of order[i]'s tensor, read
+ * in place (slot -1) or through a stager slot. */
+typedef struct {
+    Py_ssize_t i;
+    uint64_t off;
+    size_t n;
+    int slot;
+} StPiece;
+
+/* The piece after `p` (the first when p is NULL), skipping empty tensors; 0 at the end. */
+static int
+st_piece_after(StOut *const *order, Py_ssize_t nout, const StPiece *p, size_t chunk, StPiece *out)
+{
+    Py_ssize_t i = p ? p->i : 0;
+    uint64_t off = p ? p->off + p->n : 0;
+    for (; i < nout; i++, off = 0) {
+        if (off < order[i]->nbytes) {
+            uint64_t left = order[i]->nbytes - off;
+            *out = (StPiece){.i = i, .off = off, .n = (size_t)(left < chunk ? left : chunk), .slot = -1};
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Queue piece `p` into the stager's next slot. */
+static int
+st_stage(AtbStager *stager, int *next_slot, StOut *const *order, StPiece *p, PyObject *display)
+{
+    AtbError err;
+    int rc;
+    p->slot = *next_slot;
+    *next_slot ^= 1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = atb_stager_start(stager, p->slot, order[p->i]->tensor, (int64_t)p->off, (int64_t)p->n, &err);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        st_fail(display, "cannot read the bytes of tensor %R: %s", order[p->i]->name, err.msg);
+    }
+    return rc;
+}
+
+/* The data section, tensor after tensor in `order`, hashed as it goes (the digests
+ * land in the header at their hash_pos).  CPU tensors are written from where they
+ * lie (a contiguous copy first when they are not contiguous).  Other tensors go
+ * through a stager's two host buffers, pinned when possible: the copy of the next
+ * piece is queued before the current one is written, so device-to-host copies
+ * overlap the writes and at most two chunks of host memory are used whatever the
+ * tensor sizes.  `stage_bytes` > 0 (tests) sends every tensor through the stager,
+ * in chunks of that size, to exercise the same pipeline without a device. */
+static int
+st_write_data(int fd, PyObject *display, StOut *const *order, Py_ssize_t nout, uint64_t total, StBuf *hdr,
+              PyObject *progress, size_t stage_bytes)
+{
+    const size_t chunk = stage_bytes ? stage_bytes : ST_CHUNK;
+    AtbStager *stager = NULL;
+    AtbTensor *host = NULL; /* contiguous host image of order[host_of] */
+    Py_ssize_t host_of = -1;
+    AtbError err;
+    StHash h;
+    StPiece cur, nxt;
+    int rc = -1, next_slot = 0, have_cur, have_nxt, any_staged = 0;
+    uint64_t done = 0, next_report = ST_PROGRESS_EVERY;
+
+    for (Py_ssize_t i = 0; i < nout; i++) {
+        if (order[i]->nbytes == 0) { /* no piece will finish it */
+            st_hash_init(&h);
+            st_hex16(st_hash_digest(&h), hdr->data + order[i]->hash_pos);
+        }
+        else if (stage_bytes || !atb_is_cpu(order[i]->tensor)) {
+            any_staged = 1;
+        }
+    }
+    if (any_staged) {
+        int r;
+        Py_BEGIN_ALLOW_THREADS
+        r = atb_stager_new(chunk, !stage_bytes, &stager, &err);
+        if (r < 0 && !stage_bytes) { /* no page-locked memory: plain buffers, synchronous copies */
+            r = atb_stager_new(chunk, 0, &stager, &err);
+        }
+        Py_END_ALLOW_THREADS
+        if (r < 0) {
+            st_fail(display, "cannot allocate the staging buffers: %s", err.msg);
+            goto done;
+        }
+    }
+#define ST_STAGED(p) (stager != NULL && (stage_bytes || !atb_is_cpu(order[(p).i]->tensor)))
+
+    have_cur = st_piece_after(order, nout, NULL, chunk, &cur);
+    if (have_cur && ST_STAGED(cur) && st_stage(stager, &next_slot, order, &cur, display) < 0) {
+        goto done;
+    }
+    while (have_cur) {
+        StOut *o = order[cur.i];
+        const char *data;
+        int r, saved_errno = 0;
+
+        have_nxt = st_piece_after(order, nout, &cur, chunk, &nxt);
+        if (have_nxt && ST_STAGED(nxt) && st_stage(stager, &next_slot, order, &nxt, display) < 0) {
+            goto done;
+        }
+        if (cur.slot >= 0) {
+            const void *p;
+            Py_BEGIN_ALLOW_THREADS
+            r = atb_stager_wait(stager, cur.slot, &p, &err);
+            Py_END_ALLOW_THREADS
+            if (r < 0) {
+                st_fail(display, "cannot read the bytes of tensor %R: %s", o->name, err.msg);
+                goto done;
+            }
+            data = p;
+        }
+        else {
+            if (host_of != cur.i) {
+                if (host != NULL) {
+                    atb_free(host);
+                    host = NULL;
+                }
+                Py_BEGIN_ALLOW_THREADS
+                r = atb_host_contiguous(o->tensor, &host, &err);
+                Py_END_ALLOW_THREADS
+                if (r < 0) {
+                    st_fail(display, "cannot read the bytes of tensor %R: %s", o->name, err.msg);
+                    goto done;
+                }
+                host_of = cur.i;
+                if ((uint64_t)atb_nbytes(host) != o->nbytes) {
+                    st_fail(display, "tensor %R changed size while being written", o->name);
+                    goto done;
+                }
+            }
+            data = (const char *)atb_data(host) + cur.off;
+        }
+
+        if (cur.off == 0) {
+            st_hash_init(&h);
+        }
+        Py_BEGIN_ALLOW_THREADS
+        st_hash_update(&h, data, cur.n);
+        r = st_write_all(fd, data, cur.n, NULL);
+        saved_errno = errno;
+        Py_END_ALLOW_THREADS
+        if (r < 0) {
+            errno = saved_errno;
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
+            goto done;
+        }
+        if (cur.off + cur.n == o->nbytes) {
+            st_hex16(st_hash_digest(&h), hdr->data + o->hash_pos);
+        }
+
+        done += cur.n;
+        if (PyErr_CheckSignals() < 0) {
+            goto done;
+        }
+        if (done >= next_report && done < total) {
+            next_report = done + ST_PROGRESS_EVERY;
+            if (st_call_progress(progress, done, total) < 0) {
+                goto done;
+            }
+        }
+        cur = nxt;
+        have_cur = have_nxt;
+    }
+#undef ST_STAGED
+    rc = st_call_progress(progress, done, total);
+
+done:
+    if (host != NULL) {
+        atb_free(host);
+    }
+    atb_stager_free(stager); /* waits for a copy still in flight */
+    return rc;
+}
+
 PyDoc_STRVAR(st_write_doc,
 "st_write(path, tensors, metadata, *, progress=None)\n--\n\n"
 "Write a safetensors-compatible file crash-safely: a temporary file in the same\n"
 "folder, fsync, rename over `path`, fsync of the folder.  `tensors` maps names to\n"
-"torch tensors (any device, any layout; stored C-contiguous), `metadata` maps str to\n"
+"torch tensors (any device, any layout; stored C-contiguous; device tensors are\n"
+"staged through two pinned host buffers, copies overlapping writes), `metadata` maps str to\n"
 "str.  XXH64 checksums of every tensor are added to the metadata under 'checksums'\n"
 "and 'checksum_algorithm' (reserved keys).  `progress(done_bytes, total_bytes)` is\n"
 "called as data is written; an exception from it aborts the write.  On any error\n"
@@ -503,8 +679,9 @@ PyDoc_STRVAR(st_write_doc,
 static PyObject *
 st_write(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"path", "tensors", "metadata", "progress", NULL};
+    static char *kwlist[] = {"path", "tensors", "metadata", "progress", "_stage_bytes", NULL};
     PyObject *path = NULL, *tensors = NULL, *metadata = NULL, *progress = Py_None;
+    Py_ssize_t stage_bytes = 0;
     PyObject *fsbytes = NULL, *display = NULL, *torch = NULL, *tensor_type = NULL, *items = NULL;
     PyObject *result = NULL;
     StOut *outs = NULL, **order = NULL;
@@ -512,12 +689,15 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
     StBuf hdr = {0}, tmp = {0};
     AtomicFile af = {.fd = -1};
     int fd = -1; /* af.fd, owned by af */
-    AtbTensor *host = NULL;
     AtbError err;
     (void)module;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!O!|$O:st_write", kwlist, &path, &PyDict_Type,
-                                     &tensors, &PyDict_Type, &metadata, &progress)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!O!|$On:st_write", kwlist, &path, &PyDict_Type,
+                                     &tensors, &PyDict_Type, &metadata, &progress, &stage_bytes)) {
+        return NULL;
+    }
+    if (stage_bytes < 0 || (size_t)stage_bytes > ((size_t)1 << 30)) {
+        PyErr_SetString(PyExc_ValueError, "st_write: _stage_bytes must be between 0 and 2**30");
         return NULL;
     }
     if (st_path_args(path, &fsbytes, &display) < 0) {
@@ -723,53 +903,7 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
             goto error;
         }
     }
-    uint64_t done = 0, next_report = ST_PROGRESS_EVERY;
-    for (Py_ssize_t i = 0; i < nout; i++) {
-        StOut *o = order[i];
-        StHash h;
-        int rc, saved_errno = 0;
-        st_hash_init(&h);
-        Py_BEGIN_ALLOW_THREADS
-        rc = atb_host_contiguous(o->tensor, &host, &err);
-        Py_END_ALLOW_THREADS
-        if (rc < 0) {
-            st_fail(display, "cannot read the bytes of tensor %R: %s", o->name, err.msg);
-            goto error;
-        }
-        if ((uint64_t)atb_nbytes(host) != o->nbytes) {
-            st_fail(display, "tensor %R changed size while being written", o->name);
-            goto error;
-        }
-        const char *data = atb_data(host);
-        for (uint64_t off = 0; off < o->nbytes;) {
-            size_t n = (size_t)(o->nbytes - off < ST_CHUNK ? o->nbytes - off : ST_CHUNK);
-            Py_BEGIN_ALLOW_THREADS
-            st_hash_update(&h, data + off, n);
-            rc = st_write_all(fd, data + off, n, NULL);
-            saved_errno = errno;
-            Py_END_ALLOW_THREADS
-            if (rc < 0) {
-                errno = saved_errno;
-                PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
-                goto error;
-            }
-            off += n;
-            done += n;
-            if (PyErr_CheckSignals() < 0) {
-                goto error;
-            }
-            if (done >= next_report && done < total) {
-                next_report = done + ST_PROGRESS_EVERY;
-                if (st_call_progress(progress, done, total) < 0) {
-                    goto error;
-                }
-            }
-        }
-        atb_free(host);
-        host = NULL;
-        st_hex16(st_hash_digest(&h), hdr.data + o->hash_pos);
-    }
-    if (st_call_progress(progress, done, total) < 0) {
+    if (st_write_data(fd, display, order, nout, total, &hdr, progress, (size_t)stage_bytes) < 0) {
         goto error;
     }
 
@@ -796,9 +930,6 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
 error:
     /* closes the temp file and removes it unless it was committed */
     atomic_file_close(&af);
-    if (host != NULL) {
-        atb_free(host);
-    }
     for (Py_ssize_t i = 0; i < nout; i++) {
         Py_XDECREF(outs[i].name);
         if (outs[i].tensor) {

@@ -257,6 +257,26 @@ def _not_a_checkpoint(f: Any) -> CheckpointError:
     return CheckpointError(f"{describe_file(f)} {what}: nothing was loaded.")
 
 
+def _st_map_location(weights: dict, map_location: Any, name: str) -> dict:
+    """``map_location`` for the safetensors format: a device (str, int or torch.device).
+
+    The tensors come memory-mapped on the CPU; for another device they are moved
+    there, as ``torch.load(map_location=...)`` would place them (a model on that
+    device is then filled from them, a meta model gets them as its weights).
+    """
+    if map_location is None:
+        return weights
+    if not isinstance(map_location, (str, int, torch.device)):
+        raise TypeError(
+            f"{name}: for the safetensors-compatible format map_location must be a device "
+            f"(str, int or torch.device), not {type(map_location).__name__}."
+        )
+    device = torch.device(map_location)
+    if device.type == "cpu":
+        return weights
+    return {k: v.to(device) for k, v in weights.items()}
+
+
 def load_checkpoint(f: Any, kwargs: dict[str, Any]) -> tuple[dict, dict]:
     """(modelopt_state, model_state_dict) from a checkpoint of either format."""
     name = describe_file(f)
@@ -268,7 +288,8 @@ def load_checkpoint(f: Any, kwargs: dict[str, Any]) -> tuple[dict, dict]:
 
         if not isinstance(f, (str, os.PathLike)):
             raise TypeError(f"{name}: restoring the safetensors-compatible format needs a file path.")
-        return st_format.load_file(f)
+        state, weights = st_format.load_file(f)
+        return state, _st_map_location(weights, kwargs.get("map_location"), name)
     objs = _torch_load_checked(f, kwargs)
     if not isinstance(objs, dict) or "modelopt_state" not in objs or "model_state_dict" not in objs:
         what = sorted(map(str, objs))[:5] if isinstance(objs, dict) else type(objs).__name__

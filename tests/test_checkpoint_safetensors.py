@@ -127,3 +127,25 @@ def test_replacement_keeps_the_old_file_permissions(converted, tmp_path):
         os.chmod(path, 0o640)
         mto.save(converted, path)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+
+def test_map_location_for_the_safetensors_format(converted, tmp_path, x):
+    path = tmp_path / "c.safetensors"
+    mto.save(converted, path)
+    restored = mto.restore(TinyNet(), path, map_location="cpu")
+    assert torch.equal(restored(x), converted(x))
+    with pytest.raises(TypeError, match=r"c\.safetensors.*map_location must be a device \(str, int or torch\.device\), not dict"):
+        mto.restore(TinyNet(), path, map_location={"cuda:0": "cpu"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_map_location_cuda_materialises_a_meta_model_on_the_gpu(converted, tmp_path, x):
+    path = tmp_path / "c.safetensors"
+    mto.save(converted, path)
+    with torch.device("meta"):
+        model = TinyNet()
+    restored = mto.restore(model, path, map_location="cuda")
+    assert restored.fc1.weight.is_cuda
+    assert torch.equal(restored(x.cuda()).cpu(), converted(x))
+    cuda_model = mto.restore(TinyNet().cuda(), path)  # a model on the GPU is filled in place
+    assert torch.equal(cuda_model(x.cuda()).cpu(), converted(x))
