@@ -125,6 +125,23 @@ def fsync_seconds(path: str) -> float:
         os.close(fd)
 
 
+def quiet_disk(path: str) -> None:
+    """Remove ``path`` (an earlier repetition's file) and sync the disk; untimed.
+
+    On a file system that discards freed blocks at the next journal commit (ext4
+    mounted with ``discard``, as on this project's machines), removing or replacing
+    a large file costs whoever commits the journal next.  Left in place, the
+    previous repetition's file would bill its removal to whichever measurement
+    came next, at random; so every save and write starts with its target absent
+    and the disk synced.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.sync()
+
+
 def sequential_write(path: str, nbytes: int) -> tuple[float, float]:
     """Write ``nbytes`` to ``path`` in large chunks, then fsync: (write seconds, fsync seconds)."""
     chunk = memoryview(os.urandom(1 << 20) * (CHUNK >> 20))

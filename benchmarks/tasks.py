@@ -50,6 +50,7 @@ def save(task: dict[str, Any], library: Library, window: measure.MemoryWindow) -
     model = _stack(task, filled=True)
     if method.converted:
         model = library.api.apply_mode(model, libraries.TRIVIAL_MODE)
+    measure.quiet_disk(task["path"])
     seconds, _ = measure.timed(lambda: method.save(library.api, model, task["path"]))
     return {
         "seconds": seconds,
@@ -82,6 +83,7 @@ def memcpy(task: dict[str, Any], library: Library, window: measure.MemoryWindow)
 
 def write(task: dict[str, Any], library: Library, window: measure.MemoryWindow) -> dict[str, Any]:
     """Sequentially write the model's bytes next to the checkpoints, then fsync."""
+    measure.quiet_disk(task["path"])
     write_s, fsync_s = measure.sequential_write(task["path"], task["bytes"])
     return {"seconds": write_s + fsync_s, "write_seconds": write_s, "fsync_seconds": fsync_s}
 

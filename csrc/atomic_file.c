@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -17,6 +18,116 @@
 #include <unistd.h>
 
 #define TMP_MARK ".tmp-"
+#define WRITEBACK_PERIOD_NS (40 * 1000 * 1000L)
+
+/* ---- background writeback -------------------------------------------------------- */
+
+struct AtomicFlusher {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t wake;
+    int stop; /* under mu */
+    int fd;
+};
+
+static void *
+flusher_main(void *arg)
+{
+    AtomicFlusher *f = arg;
+    pthread_mutex_lock(&f->mu);
+    while (!f->stop) {
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_nsec += WRITEBACK_PERIOD_NS;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec += 1;
+            until.tv_nsec -= 1000000000L;
+        }
+        (void)pthread_cond_timedwait(&f->wake, &f->mu, &until);
+        if (f->stop) {
+            break;
+        }
+        pthread_mutex_unlock(&f->mu);
+        /* start write-out of dirty pages not already under write-out; no waiting */
+        (void)sync_file_range(f->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+        pthread_mutex_lock(&f->mu);
+    }
+    pthread_mutex_unlock(&f->mu);
+    return NULL;
+}
+
+void
+atomic_file_start_writeback(AtomicFile *af)
+{
+    if (af->fd < 0 || af->flusher != NULL) {
+        return;
+    }
+    int saved = errno;
+    AtomicFlusher *f = calloc(1, sizeof(*f));
+    pthread_condattr_t attr;
+    int have_attr = 0, have_mu = 0, have_cv = 0;
+    if (f == NULL) {
+        goto fail;
+    }
+    f->fd = af->fd;
+    if (pthread_mutex_init(&f->mu, NULL) != 0) {
+        goto fail;
+    }
+    have_mu = 1;
+    if (pthread_condattr_init(&attr) != 0) {
+        goto fail;
+    }
+    have_attr = 1;
+    if (pthread_condattr_setclock(&attr, CLOCK_MONOTONIC) != 0 || pthread_cond_init(&f->wake, &attr) != 0) {
+        goto fail;
+    }
+    have_cv = 1;
+    /* the thread takes no signals: they stay with the interpreter's threads */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&f->thread, NULL, flusher_main, f);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        goto fail;
+    }
+    pthread_condattr_destroy(&attr);
+    af->flusher = f;
+    errno = saved;
+    return;
+fail:
+    if (have_cv) {
+        pthread_cond_destroy(&f->wake);
+    }
+    if (have_attr) {
+        pthread_condattr_destroy(&attr);
+    }
+    if (have_mu) {
+        pthread_mutex_destroy(&f->mu);
+    }
+    free(f);
+    errno = saved;
+}
+
+static void
+stop_writeback(AtomicFile *af)
+{
+    AtomicFlusher *f = af->flusher;
+    if (f == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&f->mu);
+    f->stop = 1;
+    pthread_cond_signal(&f->wake);
+    pthread_mutex_unlock(&f->mu);
+    pthread_join(f->thread, NULL);
+    pthread_cond_destroy(&f->wake);
+    pthread_mutex_destroy(&f->mu);
+    free(f);
+    af->flusher = NULL;
+}
+
+/* ---- the temp file ---------------------------------------------------------------- */
 
 static int
 split_path(AtomicFile *af, const char *target)
@@ -116,6 +227,7 @@ remove_stale_temps(const AtomicFile *af)
 int
 atomic_file_commit(AtomicFile *af)
 {
+    stop_writeback(af);
     if (fsync(af->fd) < 0) {
         return -1;
     }
@@ -148,6 +260,7 @@ void
 atomic_file_close(AtomicFile *af)
 {
     int saved = errno;
+    stop_writeback(af);
     if (af->fd >= 0) {
         close(af->fd);
         af->fd = -1;

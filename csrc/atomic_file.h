@@ -6,17 +6,29 @@
 #ifndef MODELOPT_C_ATOMIC_FILE_H
 #define MODELOPT_C_ATOMIC_FILE_H
 
+typedef struct AtomicFlusher AtomicFlusher;
+
 typedef struct {
     int fd;       /* the temp file, open for writing; -1 when closed */
     char *tmp;    /* its path; NULL once renamed or removed */
     char *target; /* the file it will replace */
     char *dir;    /* the target's folder */
     char *base;   /* the target's name in that folder */
+    AtomicFlusher *flusher; /* background writeback, or NULL */
 } AtomicFile;
 
 /* Create a fresh temp file beside `target` (mode 0666 & ~umask, or the target's own
  * permission bits when it exists).  0, or -1 with errno set and nothing left behind. */
 int atomic_file_open(AtomicFile *af, const char *target);
+
+/* Start background writeback of the temp file: a thread of its own asks the kernel
+ * every few tens of milliseconds to begin writing out what has been written so far
+ * (sync_file_range, without waiting), so the disk works while the producer still
+ * computes, and the final fsync finds little left.  Writes may come through any
+ * descriptor of the temp file (torch.save opens its own).  Best effort: if the
+ * thread cannot start, everything is simply written back at fsync.  Stopped by
+ * commit and close. */
+void atomic_file_start_writeback(AtomicFile *af);
 
 /* fsync the temp file, rename it over the target, fsync the folder and remove stale
  * temp files of this target.  0, or -1 with errno (then call atomic_file_close). */

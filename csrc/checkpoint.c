@@ -22,6 +22,9 @@ save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObje
     }
     Py_BEGIN_ALLOW_THREADS
     r = atomic_file_open(&af, PyBytes_AS_STRING(encoded));
+    if (r == 0) {
+        atomic_file_start_writeback(&af); /* disk writes overlap torch.save's work */
+    }
     Py_END_ALLOW_THREADS
     if (r < 0) {
         /* name the target, not our temp name: that is the path the user knows */

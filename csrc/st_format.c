@@ -490,6 +490,26 @@ st_call_progress(PyObject *progress, uint64_t done, uint64_t total)
     return 0;
 }
 
+/* Append `n` bytes to fd with the GIL released, hashing them first into `h` when
+ * given; an OSError naming the file on failure. */
+static int
+st_write_nogil(int fd, const void *data, size_t n, StHash *h, PyObject *display)
+{
+    int rc, saved_errno;
+    Py_BEGIN_ALLOW_THREADS
+    if (h != NULL) {
+        st_hash_update(h, data, n);
+    }
+    rc = st_write_all(fd, data, n, NULL);
+    saved_errno = errno;
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        errno = saved_errno;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
+    }
+    return rc;
+}
+
 /* One piece of the data section: bytes [off, off + n) of order[i]'s tensor, read
  * in place (slot -1) or through a stager slot. */
 typedef struct {
@@ -585,7 +605,7 @@ st_write_data(int fd, PyObject *display, StOut *const *order, Py_ssize_t nout, u
     while (have_cur) {
         StOut *o = order[cur.i];
         const char *data;
-        int r, saved_errno = 0;
+        int r;
 
         have_nxt = st_piece_after(order, nout, &cur, chunk, &nxt);
         if (have_nxt && ST_STAGED(nxt) && st_stage(stager, &next_slot, order, &nxt, display) < 0) {
@@ -627,14 +647,7 @@ st_write_data(int fd, PyObject *display, StOut *const *order, Py_ssize_t nout, u
         if (cur.off == 0) {
             st_hash_init(&h);
         }
-        Py_BEGIN_ALLOW_THREADS
-        st_hash_update(&h, data, cur.n);
-        r = st_write_all(fd, data, cur.n, NULL);
-        saved_errno = errno;
-        Py_END_ALLOW_THREADS
-        if (r < 0) {
-            errno = saved_errno;
-            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
+        if (st_write_nogil(fd, data, cur.n, &h, display) < 0) {
             goto done;
         }
         if (cur.off + cur.n == o->nbytes) {
@@ -882,6 +895,9 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
         int rc;
         Py_BEGIN_ALLOW_THREADS
         rc = atomic_file_open(&af, PyBytes_AS_STRING(fsbytes));
+        if (rc == 0) {
+            atomic_file_start_writeback(&af); /* disk writes overlap hashing and staging */
+        }
         Py_END_ALLOW_THREADS
         if (rc < 0) {
             PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
@@ -891,17 +907,8 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
     }
 
     /* 4. Header (placeholders), then every tensor's bytes, hashed as they go. */
-    {
-        int rc, saved_errno = 0;
-        Py_BEGIN_ALLOW_THREADS
-        rc = st_write_all(fd, hdr.data, hdr.len, NULL);
-        saved_errno = errno;
-        Py_END_ALLOW_THREADS
-        if (rc < 0) {
-            errno = saved_errno;
-            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
-            goto error;
-        }
+    if (st_write_nogil(fd, hdr.data, hdr.len, NULL, display) < 0) {
+        goto error;
     }
     if (st_write_data(fd, display, order, nout, total, &hdr, progress, (size_t)stage_bytes) < 0) {
         goto error;

@@ -1,6 +1,7 @@
 """The safetensors-compatible format through the public save / restore (issue 4)."""
 
 import io
+import os
 
 import pytest
 import torch
@@ -149,3 +150,28 @@ def test_map_location_cuda_materialises_a_meta_model_on_the_gpu(converted, tmp_p
     assert torch.equal(restored(x.cuda()).cpu(), converted(x))
     cuda_model = mto.restore(TinyNet().cuda(), path)  # a model on the GPU is filled in place
     assert torch.equal(cuda_model(x.cuda()).cpu(), converted(x))
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_background_writeback_thread_ends_with_every_save(converted, tmp_path):
+    """Both writers start a writeback thread per save; it must be gone when save returns,
+    whether the save committed or failed."""
+    before = _threads()
+    for name in ("c.pt", "c.safetensors"):
+        for _ in range(5):
+            mto.save(converted, tmp_path / name)
+        assert _threads() == before, name
+    with pytest.raises(OSError):  # fails at the rename: the target is a folder
+        (tmp_path / "adir.pt").mkdir()
+        mto.save(converted, tmp_path / "adir.pt")
+    from modelopt_c import _conversion
+
+    def boom(done, total):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        _conversion.st_write(tmp_path / "x.safetensors", {"a": torch.ones(3)}, {}, progress=boom)
+    assert _threads() == before
