@@ -474,7 +474,8 @@ def test_reference_counts_do_not_leak(tmp_path):
         cycle()
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == fds_before
-    assert len(Path("/proc/self/maps").read_text().splitlines()) <= maps_before + 2  # no mapping leaks
+    if not os.environ.get("MODELOPT_C_SANITIZE"):  # ASan's allocator maps regions of its own
+        assert len(Path("/proc/self/maps").read_text().splitlines()) <= maps_before + 2  # no mapping leaks
     if before is not None:
         assert sys.gettotalrefcount() - before < 100
 
