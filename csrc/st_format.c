@@ -535,12 +535,25 @@ st_piece_after(StOut *const *order, Py_ssize_t nout, const StPiece *p, size_t ch
     return 0;
 }
 
-/* Queue piece `p` into the stager's next slot. */
+/* Whether a tensor's bytes go through the stager: device tensors always, every
+ * tensor when the tests ask for it (`stage_bytes` > 0). */
 static int
-st_stage(AtbStager *stager, int *next_slot, StOut *const *order, StPiece *p, PyObject *display)
+st_is_staged(const StOut *o, size_t stage_bytes)
+{
+    return stage_bytes || !atb_is_cpu(o->tensor);
+}
+
+/* Queue piece `p` into the stager's next slot, if its tensor is staged (else it is
+ * read in place and nothing happens). */
+static int
+st_stage(AtbStager *stager, int *next_slot, StOut *const *order, StPiece *p, size_t stage_bytes,
+         PyObject *display)
 {
     AtbError err;
     int rc;
+    if (!st_is_staged(order[p->i], stage_bytes)) {
+        return 0;
+    }
     p->slot = *next_slot;
     *next_slot ^= 1;
     Py_BEGIN_ALLOW_THREADS
@@ -579,7 +592,7 @@ st_write_data(int fd, PyObject *display, StOut *const *order, Py_ssize_t nout, u
             st_hash_init(&h);
             st_hex16(st_hash_digest(&h), hdr->data + order[i]->hash_pos);
         }
-        else if (stage_bytes || !atb_is_cpu(order[i]->tensor)) {
+        else if (st_is_staged(order[i], stage_bytes)) {
             any_staged = 1;
         }
     }
@@ -596,10 +609,8 @@ st_write_data(int fd, PyObject *display, StOut *const *order, Py_ssize_t nout, u
             goto done;
         }
     }
-#define ST_STAGED(p) (stager != NULL && (stage_bytes || !atb_is_cpu(order[(p).i]->tensor)))
-
     have_cur = st_piece_after(order, nout, NULL, chunk, &cur);
-    if (have_cur && ST_STAGED(cur) && st_stage(stager, &next_slot, order, &cur, display) < 0) {
+    if (have_cur && st_stage(stager, &next_slot, order, &cur, stage_bytes, display) < 0) {
         goto done;
     }
     while (have_cur) {
@@ -608,7 +619,7 @@ st_write_data(int fd, PyObject *display, StOut *const *order, Py_ssize_t nout, u
         int r;
 
         have_nxt = st_piece_after(order, nout, &cur, chunk, &nxt);
-        if (have_nxt && ST_STAGED(nxt) && st_stage(stager, &next_slot, order, &nxt, display) < 0) {
+        if (have_nxt && st_stage(stager, &next_slot, order, &nxt, stage_bytes, display) < 0) {
             goto done;
         }
         if (cur.slot >= 0) {
@@ -667,7 +678,6 @@ st_write_data(int fd, PyObject *display, StOut *const *order, Py_ssize_t nout, u
         cur = nxt;
         have_cur = have_nxt;
     }
-#undef ST_STAGED
     rc = st_call_progress(progress, done, total);
 
 done:
