@@ -7,7 +7,11 @@
  * msgpack_unpack(): msgpack-c's unpacker reserves a container's slots in its zone
  * before it reads them, so a 5-byte "array of 2^32 items" would cost gigabytes
  * before the truncation is noticed.  The walker checks every count against the
- * bytes left and builds the Python objects directly (no zone to leak).
+ * bytes left, reserves at most CODEC_PREALLOC slots per array whatever its header
+ * claims (the list grows as items really decode, so memory stays proportional to
+ * the input even when every nesting level claims all the bytes left), and builds
+ * the Python objects directly (no zone to leak).  A failure inside a container
+ * names its key path.
  *
  * Wire format: one msgpack object (https://github.com/msgpack/msgpack/blob/master/spec.md),
  * nothing after it.  Native msgpack types:
@@ -45,7 +49,10 @@
  *                               C order, little-endian (the host order; big-endian
  *                               hosts are refused at build time);
  *                               length == prod(shape) * dtype.itemsize
- *                         a bool tensor's bytes must each be 0 or 1
+ *                         a bool tensor's bytes must each be 0 or 1; quantized
+ *                         dtypes (qint8, quint8, qint32, quint4x2, quint2x4) have
+ *                         no inline form (scales are not stored; the x2/x4 ones
+ *                         pack elements) and are refused both ways
  *     4   torch.Size      ext32; one msgpack array of ints
  *     5   torch.dtype     ext (fixext/ext8); the raw UTF-8 dtype name without
  *                         "torch." ("float32"), 1..64 bytes, not msgpack-framed
@@ -53,6 +60,12 @@
  *                         ("cpu", "cuda:0"), 1..64 bytes, not msgpack-framed
  *     7   slice           ext32; one msgpack array of 3: [start, stop, step]
  *                         (each any encodable value, usually nil or int)
+ *
+ * Tensors, inline or by reference: plain torch.Tensor and nn.Parameter only, strided,
+ * not meta, nested or quantized; anything else (DTensor/FSDP2 shards, other
+ * subclasses, sparse...) is a TypeError naming the key path.  Lazy conj/neg bits
+ * are resolved (by reference: the list gets the resolved tensor).  Every copy in
+ * or out of a tensor is sized against its storage's real byte size.
  *
  * Codes 0 and 8..127 are unused; negative codes (msgpack's reserved range, e.g.
  * -1 timestamp) are rejected.  Subclasses of dict, list, tuple, str, int, float
