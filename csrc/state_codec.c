@@ -7,7 +7,11 @@
  * msgpack_unpack(): msgpack-c's unpacker reserves a container's slots in its zone
  * before it reads them, so a 5-byte "array of 2^32 items" would cost gigabytes
  * before the truncation is noticed.  The walker checks every count against the
- * bytes left and builds the Python objects directly (no zone to leak).
+ * bytes left, reserves at most CODEC_PREALLOC slots per array whatever its header
+ * claims (the list grows as items really decode, so memory stays proportional to
+ * the input even when every nesting level claims all the bytes left), and builds
+ * the Python objects directly (no zone to leak).  A failure inside a container
+ * names its key path.
  *
  * Wire format: one msgpack object (https://github.com/msgpack/msgpack/blob/master/spec.md),
  * nothing after it.  Native msgpack types:
@@ -45,7 +49,10 @@
  *                               C order, little-endian (the host order; big-endian
  *                               hosts are refused at build time);
  *                               length == prod(shape) * dtype.itemsize
- *                         a bool tensor's bytes must each be 0 or 1
+ *                         a bool tensor's bytes must each be 0 or 1; quantized
+ *                         dtypes (qint8, quint8, qint32, quint4x2, quint2x4) have
+ *                         no inline form (scales are not stored; the x2/x4 ones
+ *                         pack elements) and are refused both ways
  *     4   torch.Size      ext32; one msgpack array of ints
  *     5   torch.dtype     ext (fixext/ext8); the raw UTF-8 dtype name without
  *                         "torch." ("float32"), 1..64 bytes, not msgpack-framed
@@ -53,6 +60,12 @@
  *                         ("cpu", "cuda:0"), 1..64 bytes, not msgpack-framed
  *     7   slice           ext32; one msgpack array of 3: [start, stop, step]
  *                         (each any encodable value, usually nil or int)
+ *
+ * Tensors, inline or by reference: plain torch.Tensor and nn.Parameter only, strided,
+ * not meta, nested or quantized; anything else (DTensor/FSDP2 shards, other
+ * subclasses, sparse...) is a TypeError naming the key path.  Lazy conj/neg bits
+ * are resolved (by reference: the list gets the resolved tensor).  Every copy in
+ * or out of a tensor is sized against its storage's real byte size.
  *
  * Codes 0 and 8..127 are unused; negative codes (msgpack's reserved range, e.g.
  * -1 timestamp) are rejected.  Subclasses of dict, list, tuple, str, int, float
@@ -76,6 +89,8 @@
 #define CODEC_MAX_NDIM 64
 #define CODEC_MAX_NAME 64
 #define CODEC_PATH_SHOWN 20 /* path components shown at each end of a long key path */
+#define CODEC_KEY_SHOWN 40  /* characters of a decoded key's repr shown in a key path */
+#define CODEC_PREALLOC 16   /* array slots reserved before the items are read */
 /* Short ASCII strings (keys above all: "_num_bits" thousands of times) are decoded
  * once per call and shared, through a small direct-mapped cache on the decoder. */
 #define CODEC_STR_CACHE 512
@@ -99,6 +114,15 @@ static const char *const codec_dtype_names[] = {
     "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
     "float4_e2m1fn_x2", "qint8", "quint8", "qint32", "quint4x2", "quint2x4", NULL,
 };
+
+/* Quantized dtypes: encodable as torch.dtype values, but a tensor of one has no
+ * inline form (scales and zero points are not stored; quint4x2/quint2x4 also
+ * pack several elements per byte, so numel * itemsize overstates the storage). */
+static int
+codec_dtype_is_quantized(const char *name)
+{
+    return name[0] == 'q'; /* qint8, quint8, qint32, quint4x2, quint2x4 */
+}
 
 static CodecState *
 codec_state(PyObject *module)
@@ -385,12 +409,13 @@ enc_trace_in_key(Encoder *enc)
     return -1;
 }
 
-/* The key path as text, outermost first ("the top level" when empty). */
+/* A key path (list of str components, innermost first) as text, outermost
+ * first ("the top level" when empty); long paths keep both ends. */
 static PyObject *
-enc_render_path(Encoder *enc)
+render_path(PyObject *path)
 {
     PyObject *parts = NULL, *sep = NULL, *result = NULL;
-    Py_ssize_t n = enc->path == NULL ? 0 : PyList_GET_SIZE(enc->path);
+    Py_ssize_t n = path == NULL ? 0 : PyList_GET_SIZE(path);
     if (n == 0) {
         return PyUnicode_FromString("the top level");
     }
@@ -410,7 +435,7 @@ enc_render_path(Encoder *enc)
             }
             continue;
         }
-        if (PyList_Append(parts, PyList_GET_ITEM(enc->path, i)) < 0) {
+        if (PyList_Append(parts, PyList_GET_ITEM(path, i)) < 0) {
             goto error;
         }
     }
@@ -430,7 +455,7 @@ enc_raise(Encoder *enc)
 {
     PyObject *path = NULL, *note = NULL, *res = NULL;
     enc_stash(enc); /* a failure at the top level */
-    if ((path = enc_render_path(enc)) == NULL) {
+    if ((path = render_path(enc->path)) == NULL) {
         PyErr_Clear();
         path = PyUnicode_FromString("?");
     }
@@ -733,42 +758,207 @@ chain_method(PyObject **t, PyObject *name)
     return next == NULL ? -1 : 0;
 }
 
+/* obj.<name> (attribute or, with `call`, method result) as a C truth value:
+ * 0/1, or -1 with an exception set (including when torch answers a non-bool). */
 static int
-encode_tensor(Encoder *enc, PyObject *obj)
+tensor_flag(PyObject *obj, PyObject *name, int call)
+{
+    PyObject *v = call ? call_method0(obj, name) : PyObject_GetAttr(obj, name);
+    if (v == NULL) {
+        return -1;
+    }
+    int rc = PyBool_Check(v) ? v == Py_True : -1;
+    if (rc < 0) {
+        PyErr_Format(PyExc_TypeError, "tensor.%U is a %s, not a bool", name, Py_TYPE(v)->tp_name);
+    }
+    Py_DECREF(v);
+    return rc;
+}
+
+/* obj.<name>() as a C integer (checked to be an int). */
+static int
+tensor_int(PyObject *obj, PyObject *name, long long *out)
+{
+    PyObject *v = call_method0(obj, name);
+    if (v == NULL) {
+        return -1;
+    }
+    if (!PyLong_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "tensor.%U() is a %s, not an int", name, Py_TYPE(v)->tp_name);
+        Py_DECREF(v);
+        return -1;
+    }
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* The bytes of a CPU tensor `t` as its storage really holds them: *data is its
+ * first element, *avail the bytes of the storage from there to the end.  Every
+ * copy in or out of a tensor is sized against *avail, never against
+ * numel * itemsize alone (sub-byte dtypes like quint4x2 have storage for fewer
+ * bytes than that).  0, or -1 with an exception set. */
+static int
+tensor_span(CodecState *cs, PyObject *t, char **data, size_t *avail)
+{
+    PyObject *storage = NULL;
+    long long sbytes = 0, sptr = 0, offset = 0, esize = 0, ptr = 0;
+    int rc = -1;
+    if ((storage = call_method0(t, cs->s_untyped_storage)) == NULL ||
+        tensor_int(storage, cs->s_nbytes, &sbytes) < 0 || tensor_int(storage, cs->s_data_ptr, &sptr) < 0 ||
+        tensor_int(t, cs->s_storage_offset, &offset) < 0 || tensor_int(t, cs->s_element_size, &esize) < 0 ||
+        tensor_int(t, cs->s_data_ptr, &ptr) < 0) {
+        goto error;
+    }
+    /* offset * esize <= sbytes, and data_ptr() must be where the storage says */
+    if (sbytes < 0 || offset < 0 || esize <= 0 || offset > sbytes / esize ||
+        (sbytes > 0 && (unsigned long long)ptr != (unsigned long long)sptr + (unsigned long long)(offset * esize))) {
+        PyErr_Format(PyExc_SystemError,
+                     "tensor storage is inconsistent (storage %lld bytes at 0x%llx, offset %lld elements "
+                     "of %lld bytes, data at 0x%llx)",
+                     sbytes, (unsigned long long)sptr, offset, esize, (unsigned long long)ptr);
+        goto error;
+    }
+    *data = (char *)(uintptr_t)(unsigned long long)ptr;
+    *avail = (size_t)(sbytes - offset * esize);
+    rc = 0;
+error:
+    Py_XDECREF(storage);
+    return rc;
+}
+
+/* Whether some class in type(obj)'s MRO is called `name`: spots DTensor (and the
+ * FSDP2 shards, which are DTensors) without importing torch.distributed. */
+static int
+type_has_base_named(PyObject *obj, const char *name)
+{
+    PyObject *mro = Py_TYPE(obj)->tp_mro;
+    if (mro == NULL || !PyTuple_Check(mro)) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
+        PyObject *base = PyTuple_GET_ITEM(mro, i);
+        if (PyType_Check(base) && strcmp(((PyTypeObject *)base)->tp_name, name) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Refuse what has no plain byte image: tensor subclasses (their methods run
+ * Python code and their data is not theirs: DTensor/FSDP2 shards hold one rank's
+ * piece), meta, nested, sparse and quantized tensors.  Both for inline tensors
+ * and for tensors handed back by reference.  0, or -1. */
+static int
+check_tensor_kind(Encoder *enc, PyObject *obj, const char *how)
 {
     CodecState *cs = enc->cs;
-    PyObject *t = NULL, *layout = NULL, *dtype = NULL, *name = NULL, *shape = NULL,
-             *nbytes_obj = NULL, *ptr_obj = NULL;
-    size_t mark = 0;
-    int rc = -1;
+    PyObject *layout = NULL, *dtype = NULL;
+    int flag = 0, rc = -1;
+    PyTypeObject *tp = Py_TYPE(obj);
 
-    if (enc->tensors != NULL) {
-        unsigned char index_be[8];
-        uint64_t index = (uint64_t)PyList_GET_SIZE(enc->tensors);
-        for (int i = 0; i < 8; i++) {
-            index_be[i] = (unsigned char)(index >> (56 - 8 * i));
+    if (tp != (PyTypeObject *)cs->Tensor && tp != (PyTypeObject *)cs->Parameter) {
+        if (type_has_base_named(obj, "NestedTensor")) {
+            return enc_fail(enc, PyExc_TypeError,
+                            "cannot encode a nested tensor: store t.unbind() (a list of tensors) "
+                            "instead");
         }
-        if (PyList_Append(enc->tensors, obj) < 0) {
-            return -1;
+        if (type_has_base_named(obj, "DTensor")) {
+            return enc_fail(enc, PyExc_TypeError,
+                            "cannot encode a DTensor (a sharded tensor, e.g. from FSDP2 or tensor "
+                            "parallelism): gather it with full_tensor() first; sharded state is not "
+                            "supported yet");
         }
-        return encode_name_ext(enc, EXT_TENSOR_REF, (const char *)index_be, 8);
+        return enc_fail(enc, PyExc_TypeError,
+                        "cannot encode a tensor of the subclass %s (only plain torch.Tensor and "
+                        "nn.Parameter): convert it to a plain tensor first, e.g. "
+                        "t.as_subclass(torch.Tensor) or the subclass's own unwrapping",
+                        tp->tp_name);
     }
-
+    if ((flag = tensor_flag(obj, cs->s_is_meta, 0)) != 0) {
+        if (flag > 0) {
+            enc_fail(enc, PyExc_TypeError,
+                     "cannot encode a meta tensor (it has no data): materialise it first, e.g. "
+                     "t.to_empty(device='cpu') and fill in its values");
+        }
+        goto error;
+    }
+    if ((flag = tensor_flag(obj, cs->s_is_nested, 0)) != 0) {
+        if (flag > 0) {
+            enc_fail(enc, PyExc_TypeError,
+                     "cannot encode a nested tensor: store t.unbind() (a list of tensors) instead");
+        }
+        goto error;
+    }
     if ((layout = PyObject_GetAttr(obj, cs->s_layout)) == NULL) {
         goto error;
     }
     if (layout != cs->strided) {
         enc_fail(enc, PyExc_TypeError,
-                 "cannot encode a tensor with layout %R inline (only strided tensors; call "
-                 ".to_dense() first)",
-                 layout);
+                 "cannot encode a tensor with layout %R %s(only strided tensors; call .to_dense() first)",
+                 layout, how);
         goto error;
     }
+    if ((flag = tensor_flag(obj, cs->s_is_quantized, 0)) != 0) {
+        if (flag > 0 && (dtype = PyObject_GetAttr(obj, cs->s_dtype)) != NULL) {
+            enc_fail(enc, PyExc_TypeError,
+                     "cannot encode a quantized tensor (dtype %R): its scales and zero points have "
+                     "no encoding; store t.dequantize(), or t.int_repr() with the quantization "
+                     "parameters as separate values",
+                     dtype);
+        }
+        goto error;
+    }
+    rc = 0;
+error:
+    Py_XDECREF(layout);
+    Py_XDECREF(dtype);
+    return rc;
+}
+
+static int
+encode_tensor(Encoder *enc, PyObject *obj)
+{
+    CodecState *cs = enc->cs;
+    PyObject *t = NULL, *dtype = NULL, *name = NULL, *shape = NULL, *nbytes_obj = NULL;
+    size_t mark = 0;
+    int rc = -1;
+
+    if (check_tensor_kind(enc, obj, enc->tensors != NULL ? "" : "inline ") < 0) {
+        return -1;
+    }
+    if (enc->tensors != NULL) {
+        /* by reference: the caller stores the tensor (through DLPack, which drops
+         * the lazy conj/neg bits), so hand it over with those bits resolved */
+        unsigned char index_be[8];
+        uint64_t index = (uint64_t)PyList_GET_SIZE(enc->tensors);
+        int conj = 0, neg = 0;
+        for (int i = 0; i < 8; i++) {
+            index_be[i] = (unsigned char)(index >> (56 - 8 * i));
+        }
+        t = Py_NewRef(obj);
+        if ((conj = tensor_flag(t, cs->s_is_conj, 1)) < 0 || (conj && chain_method(&t, cs->s_resolve_conj) < 0) ||
+            (neg = tensor_flag(t, cs->s_is_neg, 1)) < 0 || (neg && chain_method(&t, cs->s_resolve_neg) < 0)) {
+            goto error;
+        }
+        if (PyList_Append(enc->tensors, t) < 0) {
+            goto error;
+        }
+        rc = encode_name_ext(enc, EXT_TENSOR_REF, (const char *)index_be, 8);
+        goto error;
+    }
+
     /* detach -> host -> plain values (no lazy conj/neg bits) -> C order */
     t = Py_NewRef(obj);
     if (chain_method(&t, cs->s_detach) < 0 || chain_method(&t, cs->s_cpu) < 0 ||
         chain_method(&t, cs->s_resolve_conj) < 0 || chain_method(&t, cs->s_resolve_neg) < 0 ||
         chain_method(&t, cs->s_contiguous) < 0) {
+        goto error;
+    }
+    if (Py_TYPE(t) != (PyTypeObject *)cs->Tensor) {
+        /* a torch function mode may answer anything */
+        enc_fail(enc, PyExc_TypeError, "tensor.detach().cpu().contiguous() gave a %s, not a torch.Tensor",
+                 Py_TYPE(t)->tp_name);
         goto error;
     }
     if ((dtype = PyObject_GetAttr(t, cs->s_dtype)) == NULL) {
@@ -787,8 +977,9 @@ encode_tensor(Encoder *enc, PyObject *obj)
         (nbytes_obj = PyObject_GetAttr(t, cs->s_nbytes)) == NULL) {
         goto error;
     }
-    if (!PyTuple_Check(shape)) {
-        PyErr_SetString(PyExc_TypeError, "tensor.shape is not a tuple");
+    if (!PyTuple_Check(shape) || !PyLong_Check(nbytes_obj)) {
+        PyErr_Format(PyExc_TypeError, "tensor.shape/.nbytes are a %s and a %s, not a tuple and an int",
+                     Py_TYPE(shape)->tp_name, Py_TYPE(nbytes_obj)->tp_name);
         goto error;
     }
     Py_ssize_t ndim = PyTuple_GET_SIZE(shape);
@@ -804,15 +995,18 @@ encode_tensor(Encoder *enc, PyObject *obj)
     if (check_len32(enc, nbytes, "tensor of bytes") < 0) {
         goto error;
     }
-    const void *data = NULL;
+    char *data = NULL;
+    size_t avail = 0;
     if (nbytes > 0) {
-        /* a contiguous CPU tensor: data_ptr() is its first byte, nbytes follow */
-        if ((ptr_obj = call_method0(t, cs->s_data_ptr)) == NULL ||
-            ((data = PyLong_AsVoidPtr(ptr_obj)) == NULL && PyErr_Occurred())) {
+        if (tensor_span(cs, t, &data, &avail) < 0) {
             goto error;
         }
-        if (data == NULL) {
-            PyErr_SetString(PyExc_RuntimeError, "tensor has bytes but no data pointer");
+        if (nbytes > avail || data == NULL) {
+            /* numel * itemsize is more than the storage holds: a packed dtype */
+            enc_fail(enc, PyExc_TypeError,
+                     "cannot encode a tensor of dtype %R inline: it claims %zu bytes but its storage "
+                     "holds %zu (a packed sub-byte dtype?); convert it to a plain dtype first",
+                     dtype, nbytes, avail);
             goto error;
         }
     }
@@ -849,12 +1043,10 @@ encode_tensor(Encoder *enc, PyObject *obj)
     rc = ext32_close(enc, mark);
 error:
     Py_XDECREF(t);
-    Py_XDECREF(layout);
     Py_XDECREF(dtype);
     Py_XDECREF(name);
     Py_XDECREF(shape);
     Py_XDECREF(nbytes_obj);
-    Py_XDECREF(ptr_obj);
     return rc;
 }
 
@@ -1015,6 +1207,7 @@ typedef struct {
     const unsigned char *end;  /* limit: end of the input, or of the ext payload being read */
     PyObject *tensors;         /* borrowed sequence, or NULL */
     PyObject *source;          /* borrowed str for messages, or NULL */
+    PyObject *path;            /* error path only: list of str components, innermost first */
     PyObject *str_cache[CODEC_STR_CACHE]; /* owned ASCII strs, or NULL */
 } Decoder;
 
@@ -1167,33 +1360,111 @@ decode_str(Decoder *d, const unsigned char *at, uint32_t n)
     return str;
 }
 
-/* The items of an array of `n` whose header is at `at`, as a list or a tuple. */
+/* On the way out of a failed item: record where it was (only for our own
+ * StateDecodeError; the exception stays set).  Steals `component`. */
+static void
+dec_push(Decoder *d, PyObject *component)
+{
+    if (component != NULL && d->path == NULL && (d->path = PyList_New(0)) == NULL) {
+        PyErr_Clear();
+    }
+    if (component != NULL && d->path != NULL && PyList_Append(d->path, component) < 0) {
+        PyErr_Clear();
+    }
+    Py_XDECREF(component);
+}
+
+static void
+dec_trace_index(Decoder *d, Py_ssize_t i)
+{
+    if (!PyErr_ExceptionMatches(d->cs->DecodeError)) {
+        return;
+    }
+    PyObject *exc = exc_take();
+    PyObject *component = PyUnicode_FromFormat("[%zd]", i);
+    if (component == NULL) {
+        PyErr_Clear();
+    }
+    dec_push(d, component);
+    exc_put(exc);
+}
+
+/* A map value failed: its key, as in the encoder's paths (a short repr; a
+ * top-level identifier key bare). */
+static void
+dec_trace_key(Decoder *d, PyObject *key, int depth)
+{
+    if (!PyErr_ExceptionMatches(d->cs->DecodeError)) {
+        return;
+    }
+    PyObject *exc = exc_take(), *component = NULL, *repr = NULL;
+    if (depth == 0 && PyUnicode_CheckExact(key) && PyUnicode_GET_LENGTH(key) <= CODEC_KEY_SHOWN &&
+        PyUnicode_IsIdentifier(key)) {
+        component = Py_NewRef(key);
+    }
+    else if ((repr = PyObject_Repr(key)) != NULL && PyUnicode_Check(repr)) {
+        Py_ssize_t len = PyUnicode_GET_LENGTH(repr);
+        if (len > CODEC_KEY_SHOWN) {
+            PyObject *head = PyUnicode_Substring(repr, 0, CODEC_KEY_SHOWN);
+            component = head == NULL ? NULL : PyUnicode_FromFormat("[%U...]", head);
+            Py_XDECREF(head);
+        }
+        else {
+            component = PyUnicode_FromFormat("[%U]", repr);
+        }
+    }
+    if (component == NULL) {
+        PyErr_Clear();
+        component = PyUnicode_FromString("[?]");
+        PyErr_Clear();
+    }
+    Py_XDECREF(repr);
+    dec_push(d, component);
+    exc_put(exc);
+}
+
+/* The items of an array of `n` whose header is at `at`, as a list or a tuple.
+ * The count is only a claim: at most CODEC_PREALLOC slots are reserved up front
+ * and the list grows as items actually decode, so nested headers that each claim
+ * "all the bytes left" cost no more than the items that are really there. */
 static PyObject *
 decode_array(Decoder *d, const unsigned char *at, uint32_t n, int depth, int as_tuple)
 {
-    /* every item needs at least one byte: refuse before allocating n slots */
+    PyObject *seq = NULL, *item = NULL, *result = NULL;
+    /* every item needs at least one byte */
     if ((Py_ssize_t)n > dec_left(d)) {
         return dec_fail(d, at, "array header claims %u items but only %zd bytes are left",
                         (unsigned int)n, dec_left(d));
     }
-    PyObject *seq = as_tuple ? PyTuple_New((Py_ssize_t)n) : PyList_New((Py_ssize_t)n);
-    if (seq == NULL) {
-        return NULL;
+    Py_ssize_t pre = n < CODEC_PREALLOC ? (Py_ssize_t)n : CODEC_PREALLOC;
+    int direct_tuple = as_tuple && (Py_ssize_t)n == pre; /* small tuples: built in place */
+    if ((seq = direct_tuple ? PyTuple_New(pre) : PyList_New(pre)) == NULL) {
+        goto error;
     }
     for (uint32_t i = 0; i < n; i++) {
-        PyObject *item = decode_obj(d, depth + 1);
-        if (item == NULL) {
-            Py_DECREF(seq);
-            return NULL;
+        if ((item = decode_obj(d, depth + 1)) == NULL) {
+            dec_trace_index(d, (Py_ssize_t)i);
+            goto error;
         }
-        if (as_tuple) {
+        if (direct_tuple) {
             PyTuple_SET_ITEM(seq, i, item);
         }
-        else {
+        else if ((Py_ssize_t)i < pre) {
             PyList_SET_ITEM(seq, i, item);
         }
+        else if (PyList_Append(seq, item) < 0) {
+            goto error;
+        }
+        else {
+            Py_DECREF(item);
+        }
+        item = NULL;
     }
-    return seq;
+    result = as_tuple && !direct_tuple ? PyList_AsTuple(seq) : Py_NewRef(seq);
+error:
+    Py_XDECREF(seq);
+    Py_XDECREF(item);
+    return result;
 }
 
 static PyObject *
@@ -1219,6 +1490,7 @@ decode_map(Decoder *d, const unsigned char *at, uint32_t n, int depth)
             goto error;
         }
         if ((value = decode_obj(d, depth + 1)) == NULL) {
+            dec_trace_key(d, key, depth);
             goto error;
         }
         Py_ssize_t before = PyDict_GET_SIZE(dict);
@@ -1396,8 +1668,7 @@ static PyObject *
 decode_tensor(Decoder *d, const unsigned char *at)
 {
     CodecState *cs = d->cs;
-    PyObject *entry = NULL, *shape = NULL, *t = NULL, *ptr_obj = NULL, *nbytes_obj = NULL,
-             *result = NULL;
+    PyObject *entry = NULL, *shape = NULL, *t = NULL, *result = NULL;
     const unsigned char *name = NULL, *data = NULL;
     uint32_t nfields = 0, name_len = 0, ndim = 0, data_len = 0;
     int64_t dims[CODEC_MAX_NDIM];
@@ -1413,6 +1684,16 @@ decode_tensor(Decoder *d, const unsigned char *at)
     const unsigned char *name_at = d->p;
     if (dec_expect_raw(d, 1, "tensor dtype", &name, &name_len) < 0 ||
         (entry = dec_lookup_dtype(d, name_at, name, name_len)) == NULL) {
+        goto error;
+    }
+    if (PyTuple_GET_ITEM(entry, 2) != Py_True) {
+        char text[CODEC_MAX_NAME + 1]; /* dec_lookup_dtype checked: 1..64 printable bytes */
+        memcpy(text, name, name_len);
+        text[name_len] = '\0';
+        dec_fail(d, name_at,
+                 "tensor dtype '%s' is quantized: quantized tensors have no inline form (their "
+                 "scales and zero points are not stored)",
+                 text);
         goto error;
     }
     const unsigned char *shape_at = d->p;
@@ -1488,20 +1769,22 @@ decode_tensor(Decoder *d, const unsigned char *at)
         dec_fail_from(d, at, "cannot create the tensor");
         goto error;
     }
+    if (Py_TYPE(t) != (PyTypeObject *)cs->Tensor) { /* a torch function mode may answer anything */
+        PyErr_Format(PyExc_TypeError, "torch.empty gave a %s, not a torch.Tensor", Py_TYPE(t)->tp_name);
+        dec_fail_from(d, at, "cannot create the tensor");
+        goto error;
+    }
     if (data_len > 0) {
-        void *dst = NULL;
-        if ((nbytes_obj = PyObject_GetAttr(t, cs->s_nbytes)) == NULL ||
-            (ptr_obj = call_method0(t, cs->s_data_ptr)) == NULL ||
-            ((dst = PyLong_AsVoidPtr(ptr_obj)) == NULL && PyErr_Occurred())) {
+        char *dst = NULL;
+        size_t avail = 0;
+        if (tensor_span(cs, t, &dst, &avail) < 0) {
+            dec_fail_from(d, at, "cannot create the tensor");
             goto error;
         }
-        size_t nbytes = PyLong_AsSize_t(nbytes_obj);
-        if (nbytes == (size_t)-1 && PyErr_Occurred()) {
-            goto error;
-        }
-        if (dst == NULL || nbytes != data_len) {
-            PyErr_Format(PyExc_SystemError, "torch.empty gave %zu bytes where %u were expected",
-                         nbytes, (unsigned int)data_len);
+        /* sized from the storage itself, not from numel * itemsize */
+        if (dst == NULL || avail < data_len) {
+            dec_fail(d, data_at, "tensor data has %u bytes, but torch.empty gave storage for %zu",
+                     (unsigned int)data_len, avail);
             goto error;
         }
         memcpy(dst, data, data_len);
@@ -1511,8 +1794,6 @@ error:
     Py_XDECREF(entry);
     Py_XDECREF(shape);
     Py_XDECREF(t);
-    Py_XDECREF(ptr_obj);
-    Py_XDECREF(nbytes_obj);
     return result;
 }
 
@@ -1733,6 +2014,28 @@ decode_obj(Decoder *d, int depth)
     }
 }
 
+/* A StateDecodeError raised inside a container: append the key path of the
+ * value that failed, " (at key path modelopt_state_dict[0][1]['metadata'])". */
+static void
+dec_add_path(Decoder *d)
+{
+    PyObject *exc = NULL, *text = NULL, *path = NULL, *msg = NULL, *args = NULL;
+    if (d->path == NULL || PyList_GET_SIZE(d->path) == 0 || !PyErr_ExceptionMatches(d->cs->DecodeError)) {
+        return;
+    }
+    exc = exc_take();
+    if ((text = PyObject_Str(exc)) == NULL || (path = render_path(d->path)) == NULL ||
+        (msg = PyUnicode_FromFormat("%U (at key path %U)", text, path)) == NULL ||
+        (args = PyTuple_Pack(1, msg)) == NULL || PyObject_SetAttrString(exc, "args", args) < 0) {
+        PyErr_Clear(); /* keep the message without the path */
+    }
+    exc_put(exc);
+    Py_XDECREF(text);
+    Py_XDECREF(path);
+    Py_XDECREF(msg);
+    Py_XDECREF(args);
+}
+
 PyDoc_STRVAR(decode_state_doc,
 "decode_state($module, data, /, tensors=None, *, source=None)\n"
 "--\n"
@@ -1784,6 +2087,7 @@ codec_decode_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs, Py
     d.base = d.p = (const unsigned char *)view.buf;
     d.end = d.base + view.len;
     if ((result = decode_obj(&d, 0)) == NULL) {
+        dec_add_path(&d);
         goto error;
     }
     if (d.p != d.end) {
@@ -1794,6 +2098,7 @@ error:
     for (int i = 0; i < CODEC_STR_CACHE; i++) {
         Py_XDECREF(d.str_cache[i]);
     }
+    Py_XDECREF(d.path);
     if (have_view) {
         PyBuffer_Release(&view);
     }
@@ -1846,7 +2151,8 @@ codec_build_dtype_tables(CodecState *cs, PyObject *torch)
             continue;
         }
         if ((itemsize = PyObject_GetAttrString(dtype, "itemsize")) == NULL ||
-            (entry = PyTuple_Pack(2, dtype, itemsize)) == NULL ||
+            (entry = PyTuple_Pack(3, dtype, itemsize,
+                                  codec_dtype_is_quantized(*np) ? Py_False : Py_True)) == NULL ||
             (bname = PyBytes_FromString(*np)) == NULL ||
             PyDict_SetItemString(cs->dtype_by_name, *np, entry) < 0 ||
             PyDict_SetItem(cs->name_by_dtype, dtype, bname) < 0) {
@@ -1878,7 +2184,7 @@ error:
 int
 codec_state_init(PyObject *module, CodecState *cs)
 {
-    PyObject *torch = NULL;
+    PyObject *torch = NULL, *nn = NULL;
     int rc = -1;
 
     cs->DecodeError = PyErr_NewExceptionWithDoc(
@@ -1899,21 +2205,32 @@ codec_state_init(PyObject *module, CodecState *cs)
     CODEC_INTERN(s_shape, "shape");
     CODEC_INTERN(s_nbytes, "nbytes");
     CODEC_INTERN(s_data_ptr, "data_ptr");
+    CODEC_INTERN(s_untyped_storage, "untyped_storage");
+    CODEC_INTERN(s_storage_offset, "storage_offset");
+    CODEC_INTERN(s_element_size, "element_size");
+    CODEC_INTERN(s_is_meta, "is_meta");
+    CODEC_INTERN(s_is_nested, "is_nested");
+    CODEC_INTERN(s_is_quantized, "is_quantized");
+    CODEC_INTERN(s_is_conj, "is_conj");
+    CODEC_INTERN(s_is_neg, "is_neg");
     if ((cs->kw_dtype = PyTuple_Pack(1, cs->s_dtype)) == NULL) {
         goto error;
     }
     if ((torch = PyImport_ImportModule("torch")) == NULL ||
         (cs->Tensor = PyObject_GetAttrString(torch, "Tensor")) == NULL ||
         (cs->Size = PyObject_GetAttrString(torch, "Size")) == NULL ||
+        (nn = PyObject_GetAttrString(torch, "nn")) == NULL ||
+        (cs->Parameter = PyObject_GetAttrString(nn, "Parameter")) == NULL ||
         (cs->dtype_type = PyObject_GetAttrString(torch, "dtype")) == NULL ||
         (cs->device_type = PyObject_GetAttrString(torch, "device")) == NULL ||
         (cs->strided = PyObject_GetAttrString(torch, "strided")) == NULL ||
         (cs->empty = PyObject_GetAttrString(torch, "empty")) == NULL) {
         goto error;
     }
-    if (!PyType_Check(cs->Tensor) || !PyType_Check(cs->Size) || !PyType_Check(cs->dtype_type) ||
-        !PyType_Check(cs->device_type)) {
-        PyErr_SetString(PyExc_ImportError, "modelopt_c: torch.Tensor/Size/dtype/device are not types");
+    if (!PyType_Check(cs->Tensor) || !PyType_Check(cs->Parameter) || !PyType_Check(cs->Size) ||
+        !PyType_Check(cs->dtype_type) || !PyType_Check(cs->device_type)) {
+        PyErr_SetString(PyExc_ImportError,
+                        "modelopt_c: torch.Tensor/nn.Parameter/Size/dtype/device are not types");
         goto error;
     }
     if ((cs->dtype_by_name = PyDict_New()) == NULL || (cs->name_by_dtype = PyDict_New()) == NULL ||
@@ -1923,6 +2240,7 @@ codec_state_init(PyObject *module, CodecState *cs)
     rc = 0;
 error:
     Py_XDECREF(torch);
+    Py_XDECREF(nn);
     return rc;
 }
 
@@ -1931,6 +2249,7 @@ codec_state_traverse(CodecState *cs, visitproc visit, void *arg)
 {
     Py_VISIT(cs->DecodeError);
     Py_VISIT(cs->Tensor);
+    Py_VISIT(cs->Parameter);
     Py_VISIT(cs->Size);
     Py_VISIT(cs->dtype_type);
     Py_VISIT(cs->device_type);
@@ -1946,6 +2265,7 @@ codec_state_clear(CodecState *cs)
 {
     Py_CLEAR(cs->DecodeError);
     Py_CLEAR(cs->Tensor);
+    Py_CLEAR(cs->Parameter);
     Py_CLEAR(cs->Size);
     Py_CLEAR(cs->dtype_type);
     Py_CLEAR(cs->device_type);
@@ -1963,5 +2283,13 @@ codec_state_clear(CodecState *cs)
     Py_CLEAR(cs->s_shape);
     Py_CLEAR(cs->s_nbytes);
     Py_CLEAR(cs->s_data_ptr);
+    Py_CLEAR(cs->s_untyped_storage);
+    Py_CLEAR(cs->s_storage_offset);
+    Py_CLEAR(cs->s_element_size);
+    Py_CLEAR(cs->s_is_meta);
+    Py_CLEAR(cs->s_is_nested);
+    Py_CLEAR(cs->s_is_quantized);
+    Py_CLEAR(cs->s_is_conj);
+    Py_CLEAR(cs->s_is_neg);
     Py_CLEAR(cs->kw_dtype);
 }

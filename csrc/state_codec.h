@@ -11,12 +11,15 @@ typedef struct {
 
     /* torch objects, cached at module exec */
     PyObject *Tensor;         /* torch.Tensor */
+    PyObject *Parameter;      /* torch.nn.Parameter (the one subclass encoded as a tensor) */
     PyObject *Size;           /* torch.Size */
     PyObject *dtype_type;     /* torch.dtype */
     PyObject *device_type;    /* torch.device */
     PyObject *strided;        /* torch.strided */
     PyObject *empty;          /* torch.empty */
-    PyObject *dtype_by_name;  /* dict: "float32" -> (torch.float32, itemsize) */
+    PyObject *dtype_by_name;  /* dict: "float32" -> (torch.float32, itemsize, inline_ok);
+                               * inline_ok is False for quantized dtypes, whose tensors
+                               * have no inline form (their scales are not stored) */
     PyObject *name_by_dtype;  /* dict: torch.float32 -> b"float32" */
 
     /* interned strings */
@@ -30,6 +33,14 @@ typedef struct {
     PyObject *s_shape;
     PyObject *s_nbytes;
     PyObject *s_data_ptr;
+    PyObject *s_untyped_storage;
+    PyObject *s_storage_offset;
+    PyObject *s_element_size;
+    PyObject *s_is_meta;
+    PyObject *s_is_nested;
+    PyObject *s_is_quantized;
+    PyObject *s_is_conj;
+    PyObject *s_is_neg;
     PyObject *kw_dtype;       /* ("dtype",): kwnames for torch.empty(shape, dtype=...) */
 } CodecState;
 

@@ -19,9 +19,11 @@ def dumps_state(state: Any) -> bytes:
     """Encode ``state`` (e.g. ``mto.modelopt_state(model)``) as msgpack bytes.
 
     Tensors are stored inline (dtype, shape and raw bytes), so the bytes stand
-    alone.  Raises ``TypeError`` for a value the codec cannot encode and
-    ``OverflowError`` for an int outside ``-2**63 .. 2**64-1``; the message names
-    the key path of the offending value.
+    alone.  Raises ``TypeError`` for a value the codec cannot encode (including
+    tensors with no plain byte image: DTensor/FSDP2 shards and other tensor
+    subclasses, meta, nested, sparse and quantized tensors; the message says what
+    to do) and ``OverflowError`` for an int outside ``-2**63 .. 2**64-1``; the
+    message names the key path of the offending value.
     """
     return encode_state(state)
 
@@ -31,7 +33,9 @@ def loads_state(data: Any, *, source: Optional[Union[str, os.PathLike]] = None) 
 
     ``data`` is any bytes-like object (``bytes``, ``memoryview``, an ``mmap``).
     It is treated as untrusted: malformed, truncated or hostile input raises
-    :class:`StateDecodeError` (a ``ValueError``) naming the byte offset, and
-    ``source`` (for instance the file name) when given.
+    :class:`StateDecodeError` (a ``ValueError``) naming the byte offset, the key
+    path inside the state when the failure is nested, and ``source`` (for
+    instance the file name) when given.  Memory use stays proportional to the
+    input's size, whatever its headers claim.
     """
     return decode_state(data, source=source)
