@@ -473,9 +473,10 @@ typedef struct {
 /* Refuse, before any export, the tensors whose bytes DLPack cannot describe or
  * would describe wrongly: subclasses (DTensor, FSDP2 shards, wrappers: their
  * storage is not their value), sparse, nested, quantized and meta tensors.
- * `plain` are the accepted exact types (torch.Tensor, torch.nn.Parameter). */
+ * `plain`: the accepted exact types (torch.Tensor, torch.nn.Parameter), then
+ * torch.strided. */
 static int
-st_check_kind(PyObject *value, PyObject *key, PyObject *display, PyObject *const plain[2])
+st_check_kind(PyObject *value, PyObject *key, PyObject *display, PyObject *const plain[3])
 {
     PyObject *attr = NULL;
     int rc = -1;
@@ -502,7 +503,6 @@ st_check_kind(PyObject *value, PyObject *key, PyObject *display, PyObject *const
     } kinds[] = {
         {"is_nested", "is a nested tensor: save its components (`unbind()`) or a padded copy "
                       "(`to_padded_tensor`)"},
-        {"is_sparse", "is sparse: save `to_dense()`, or its indices and values as separate tensors"},
         {"is_quantized", "is quantized: save `int_repr()` with its scale and zero point, or `dequantize()`"},
         {"is_meta", "is on the meta device and has no data: materialise it (e.g. `to_empty()` and load or "
                     "initialise it) first"},
@@ -519,22 +519,23 @@ st_check_kind(PyObject *value, PyObject *key, PyObject *display, PyObject *const
             goto error;
         }
     }
-    /* Any other non-strided layout (sparse CSR/CSC/BSR/BSC, jagged, mkldnn). */
+    /* Any non-strided layout: sparse (COO, CSR/CSC/BSR/BSC), jagged, mkldnn. */
     attr = PyObject_GetAttrString(value, "layout");
     if (attr == NULL) {
         goto error;
     }
-    PyObject *text = PyObject_Str(attr);
-    if (text == NULL) {
-        goto error;
-    }
-    int strided = PyUnicode_CompareWithASCIIString(text, "torch.strided") == 0;
-    if (!strided) {
-        st_fail(display, "tensor %R has layout %U: only strided (dense) tensors can be stored; save `to_dense()`",
-                key, text);
-    }
-    Py_DECREF(text);
-    if (!strided) {
+    if (attr != plain[2]) {
+        PyObject *sp = PyObject_GetAttrString(value, "is_sparse");
+        int sparse = sp ? PyObject_IsTrue(sp) : -1;
+        Py_XDECREF(sp);
+        if (sparse > 0) {
+            st_fail(display, "tensor %R is sparse: save `to_dense()`, or its indices and values as separate tensors",
+                    key);
+        }
+        else if (sparse == 0) {
+            st_fail(display, "tensor %R has layout %S: only strided (dense) tensors can be stored; save `to_dense()`",
+                    key, attr);
+        }
         goto error;
     }
     rc = 0;
@@ -555,14 +556,22 @@ st_tensor_handle(PyObject *tensor, AtbTensor **out, AtbError *err)
     }
     /* DLPack has no conjugate or negative bit: a lazily conjugated or negated view
      * (x.conj(), x.conj().imag) would export its unmodified bytes and come back with
-     * the wrong sign. Materialise them (each call returns the tensor itself when
-     * its bit is not set). */
-    Py_SETREF(detached, PyObject_CallMethod(detached, "resolve_conj", NULL));
-    if (detached != NULL) {
-        Py_SETREF(detached, PyObject_CallMethod(detached, "resolve_neg", NULL));
-    }
-    if (detached == NULL) {
-        goto error;
+     * the wrong sign. Materialise them (asking first: the bits are rare, and the
+     * question is cheaper than the no-op resolve). */
+    static const char *const bits[2][2] = {{"is_conj", "resolve_conj"}, {"is_neg", "resolve_neg"}};
+    for (int b = 0; b < 2; b++) {
+        PyObject *set = PyObject_CallMethod(detached, bits[b][0], NULL);
+        int yes = set ? PyObject_IsTrue(set) : -1;
+        Py_XDECREF(set);
+        if (yes < 0) {
+            goto error;
+        }
+        if (yes) {
+            Py_SETREF(detached, PyObject_CallMethod(detached, bits[b][1], NULL));
+            if (detached == NULL) {
+                goto error;
+            }
+        }
     }
     cap = PyObject_CallMethod(detached, "__dlpack__", NULL);
     if (cap == NULL) {
@@ -829,7 +838,7 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
     PyObject *path = NULL, *tensors = NULL, *metadata = NULL, *progress = Py_None;
     Py_ssize_t stage_bytes = 0;
     PyObject *fsbytes = NULL, *display = NULL, *torch = NULL, *tensor_type = NULL, *items = NULL;
-    PyObject *plain[2] = {NULL, NULL}; /* torch.Tensor, torch.nn.Parameter */
+    PyObject *plain[3] = {NULL, NULL, NULL}; /* torch.Tensor, torch.nn.Parameter, torch.strided */
     PyObject *result = NULL;
     StOut *outs = NULL, **order = NULL;
     Py_ssize_t nout = 0, count = 0;
@@ -863,7 +872,7 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
         plain[0] = Py_NewRef(tensor_type);
         plain[1] = nn ? PyObject_GetAttrString(nn, "Parameter") : NULL;
         Py_XDECREF(nn);
-        if (plain[1] == NULL) {
+        if (plain[1] == NULL || (plain[2] = PyObject_GetAttrString(torch, "strided")) == NULL) {
             goto error;
         }
     }
@@ -1108,6 +1117,7 @@ error:
     Py_XDECREF(tensor_type);
     Py_XDECREF(plain[0]);
     Py_XDECREF(plain[1]);
+    Py_XDECREF(plain[2]);
     Py_XDECREF(items);
     return result;
 }
