@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1945,6 +1946,63 @@ error:
     return result;
 }
 
+/* The hash pass of st_verify, on up to ST_HASH_THREADS threads when there is
+ * enough data: each takes the next unhashed tensor (one tensor is hashed by one
+ * thread, XXH64 being sequential). No Python, called without the GIL. */
+#define ST_HASH_THREADS 8
+#define ST_HASH_PARALLEL_MIN ((uint64_t)64 << 20)
+
+typedef struct {
+    const StHeader *h;
+    const char *data;
+    uint64_t *actual;
+    atomic_size_t next;
+} StHashJob;
+
+static void *
+st_hash_worker(void *arg)
+{
+    StHashJob *job = arg;
+    for (;;) {
+        size_t i = atomic_fetch_add(&job->next, 1);
+        if (i >= job->h->nentries) {
+            return NULL;
+        }
+        const StEntry *e = &job->h->entries[i];
+        job->actual[i] = st_xxh64_buffer(job->data + e->begin, (size_t)(e->end - e->begin));
+    }
+}
+
+static void
+st_hash_all(const StHeader *h, const char *data, uint64_t *actual)
+{
+    StHashJob job = {.h = h, .data = data, .actual = actual};
+    atomic_init(&job.next, 0);
+    pthread_t threads[ST_HASH_THREADS];
+    int started = 0;
+    uint64_t total = 0, biggest = 0;
+    for (size_t i = 0; i < h->nentries; i++) {
+        uint64_t n = h->entries[i].end - h->entries[i].begin;
+        total += n;
+        biggest = n > biggest ? n : biggest;
+    }
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int want = cpus > 1 ? (int)(cpus < ST_HASH_THREADS ? cpus : ST_HASH_THREADS) : 1;
+    if (total < ST_HASH_PARALLEL_MIN || total - biggest < ST_HASH_PARALLEL_MIN / 2 || h->nentries < 2) {
+        want = 1; /* small, or one tensor is nearly everything: threads buy nothing */
+    }
+    for (int t = 1; t < want; t++) { /* this thread is worker 0 */
+        if (pthread_create(&threads[started], NULL, st_hash_worker, &job) != 0) {
+            break; /* fewer helpers; the work still gets done */
+        }
+        started++;
+    }
+    st_hash_worker(&job);
+    for (int t = 0; t < started; t++) {
+        pthread_join(threads[t], NULL);
+    }
+}
+
 /* Check the stored checksums of every entry against the mapped bytes. */
 static int
 st_verify(StHeader *h, PyObject *metadata, const char *data)
@@ -2033,9 +2091,7 @@ st_verify(StHeader *h, PyObject *metadata, const char *data)
         Py_CLEAR(value);
     }
     Py_BEGIN_ALLOW_THREADS
-    for (size_t i = 0; i < h->nentries; i++) {
-        actual[i] = st_xxh64_buffer(data + h->entries[i].begin, (size_t)(h->entries[i].end - h->entries[i].begin));
-    }
+    st_hash_all(h, data, actual);
     Py_END_ALLOW_THREADS
     for (size_t i = 0; i < h->nentries; i++) {
         if (actual[i] != expected[i]) {

@@ -692,3 +692,27 @@ def test_a_huge_header_of_empty_tensors_costs_linear_memory(tmp_path):
     if not os.environ.get("MODELOPT_C_SANITIZE"):  # ASan's allocator has its own overheads
         assert header_per_entry < 400, header_per_entry  # bytes per 59-byte header entry
         assert read_per_entry < 1500, read_per_entry  # + one torch tensor object each
+
+
+def test_verify_hashes_large_files_on_several_threads_and_finds_each_damage(tmp_path):
+    # > 64 MiB spread over several tensors: the hash pass runs on worker threads
+    path = tmp_path / "big.safetensors"
+    src = {f"t{i}": torch.full((6 << 20,), float(i)) for i in range(4)}  # 4 x 24 MiB
+    src["small"] = torch.arange(10, dtype=torch.int16)
+    _conversion.st_write(path, src, {})
+    _, got = _conversion.st_read(path, verify=True)
+    assert all(same(src[k], got[k]) for k in src)
+    del got
+    _, info, start = _conversion.st_read_header(path)
+    for victim in ("t0", "t3", "small"):
+        with open(path, "r+b") as f:
+            f.seek(start + info[victim][3] - 1)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0x80]))
+        with pytest.raises(CheckpointError, match=rf"{path}: tensor '{victim}': checksum mismatch"):
+            _conversion.st_read(path, verify=True)
+        with open(path, "r+b") as f:  # repair, so the next victim is the only damage
+            f.seek(start + info[victim][3] - 1)
+            f.write(byte)
+    _conversion.st_read(path, verify=True)
