@@ -11,7 +11,9 @@
 
 #include <cstdio>
 #include <cstring>
+#include <atomic>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <optional>
 
@@ -19,17 +21,52 @@ struct AtbTensor {
     at::Tensor t;
 };
 
+// One catch-all around every extern "C" body (PyTorch's
+// AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE): any exception, std:: or not,
+// becomes `value` returned to C, with the message in `err` when there is one.
+static void atb_set_error(AtbError *err, const char *msg) {
+    if (err != nullptr) std::snprintf(err->msg, sizeof(err->msg), "%s", msg);
+}
+
 #define ATB_TRY try {
-#define ATB_CATCH(err)                                                        \
+#define ATB_CATCH_RETURN(err, value)                                          \
+    }                                                                         \
+    catch (const c10::Error &e) { /* its what() carries a C++ backtrace */    \
+        atb_set_error((err), e.what_without_backtrace());                     \
+        return (value);                                                       \
     }                                                                         \
     catch (const std::exception &e) {                                         \
-        std::snprintf((err)->msg, sizeof((err)->msg), "%s", e.what());        \
-        return -1;                                                            \
+        atb_set_error((err), e.what());                                       \
+        return (value);                                                       \
     }                                                                         \
     catch (...) {                                                             \
-        std::snprintf((err)->msg, sizeof((err)->msg), "unknown C++ exception"); \
-        return -1;                                                            \
+        atb_set_error((err), "unknown C++ exception");                        \
+        return (value);                                                       \
     }
+#define ATB_CATCH(err) ATB_CATCH_RETURN(err, -1)
+/* For functions that return nothing: there is nobody to tell. */
+#define ATB_CATCH_VOID                                                        \
+    }                                                                         \
+    catch (...) {                                                             \
+    }
+
+// A release callback handed to ATen that only fires once "armed".  ATen may
+// build the tensor's storage (with our deleter inside) and then throw while
+// setting its sizes: unwinding runs the deleter.  Until the bridge function
+// has succeeded the callback is disarmed, so on failure the caller's resource
+// is never released behind its back and the caller still owns it (the
+// documented contract); once armed, ATen owns it and releases it exactly once.
+struct AtbArmedRelease {
+    void (*release)(void *);
+    void *ctx;
+    std::atomic<bool> armed{false};
+};
+
+static std::function<void(void *)> atb_armed_deleter(const std::shared_ptr<AtbArmedRelease> &g) {
+    return [g](void *) {
+        if (g->armed.load()) g->release(g->ctx);
+    };
+}
 
 static const struct {
     AtbDtype ours;
@@ -58,12 +95,35 @@ extern "C" {
 int atb_from_dlpack(void *dl_managed, AtbTensor **out, AtbError *err) {
     auto *dlm = static_cast<DLManagedTensor *>(dl_managed);
     ATB_TRY
-    *out = new AtbTensor{at::fromDLPack(dlm)};
+    auto handle = std::make_unique<AtbTensor>(); // allocated before ATen owns anything
+    auto g = std::make_shared<AtbArmedRelease>();
+    g->release = [](void *p) {
+        auto *m = static_cast<DLManagedTensor *>(p);
+        if (m->deleter) m->deleter(m);
+    };
+    g->ctx = dlm;
+    handle->t = at::fromDLPack(dlm, atb_armed_deleter(g));
+    g->armed.store(true); // from here the tensor owns dlm
+    *out = handle.release();
     return 0;
     }
+    catch (const c10::Error &e) {
+        // fromDLPack threw: whatever it built has been destroyed disarmed, so dlm
+        // is still ours; the contract says its deleter has run on failure.
+        if (dlm != nullptr && dlm->deleter) dlm->deleter(dlm);
+        atb_set_error(err, e.what_without_backtrace());
+        return -1;
+    }
     catch (const std::exception &e) {
-        if (dlm->deleter) dlm->deleter(dlm);
-        std::snprintf(err->msg, sizeof(err->msg), "%s", e.what());
+        // fromDLPack threw: whatever it built has been destroyed disarmed, so dlm
+        // is still ours; the contract says its deleter has run on failure.
+        if (dlm != nullptr && dlm->deleter) dlm->deleter(dlm);
+        atb_set_error(err, e.what());
+        return -1;
+    }
+    catch (...) {
+        if (dlm != nullptr && dlm->deleter) dlm->deleter(dlm);
+        atb_set_error(err, "unknown C++ exception");
         return -1;
     }
 }
@@ -85,8 +145,16 @@ int atb_from_blob(void *data, AtbDtype dtype, const int64_t *sizes, int ndim,
     }
     auto opts = at::TensorOptions().dtype(st).device(at::kCPU);
     at::IntArrayRef shape(sizes, static_cast<size_t>(ndim));
-    at::Tensor t = at::from_blob(data, shape, [release, ctx](void *) { release(ctx); }, opts);
-    *out = new AtbTensor{std::move(t)};
+    auto handle = std::make_unique<AtbTensor>(); // allocated before ATen owns anything
+    auto g = std::make_shared<AtbArmedRelease>();
+    g->release = release;
+    g->ctx = ctx;
+    // May throw after the storage (holding our deleter) exists, e.g. when the
+    // strides of a zero-element shape overflow int64: the deleter then runs
+    // disarmed, and ctx stays the caller's.
+    handle->t = at::from_blob(data, shape, atb_armed_deleter(g), opts);
+    g->armed.store(true); // nothing below throws: from here ATen owns ctx
+    *out = handle.release();
     return 0;
     ATB_CATCH(err)
 }
@@ -104,18 +172,56 @@ int atb_copy_into(AtbTensor *dst, const AtbTensor *src, AtbError *err) {
 }
 
 AtbDtype atb_dtype(const AtbTensor *t) {
+    ATB_TRY
+    if (t == nullptr) return ATB_DTYPE_INVALID;
     for (const auto &m : kDtypes) {
         if (m.aten == t->t.scalar_type()) return m.ours;
     }
     return ATB_DTYPE_INVALID;
+    ATB_CATCH_RETURN(nullptr, ATB_DTYPE_INVALID)
 }
 
-int atb_ndim(const AtbTensor *t) { return static_cast<int>(t->t.dim()); }
-int64_t atb_size(const AtbTensor *t, int dim) { return t->t.size(dim); }
-int64_t atb_nbytes(const AtbTensor *t) { return static_cast<int64_t>(t->t.nbytes()); }
-int atb_is_contiguous(const AtbTensor *t) { return t->t.is_contiguous() ? 1 : 0; }
-int atb_is_cpu(const AtbTensor *t) { return t->t.is_cpu() ? 1 : 0; }
-const void *atb_data(const AtbTensor *t) { return t->t.const_data_ptr(); }
+int atb_ndim(const AtbTensor *t) {
+    ATB_TRY
+    if (t == nullptr) return -1;
+    return static_cast<int>(t->t.dim());
+    ATB_CATCH_RETURN(nullptr, -1)
+}
+
+int64_t atb_size(const AtbTensor *t, int dim) {
+    ATB_TRY
+    if (t == nullptr || dim < 0 || dim >= t->t.dim()) return -1;
+    return t->t.size(dim);
+    ATB_CATCH_RETURN(nullptr, -1)
+}
+
+int64_t atb_nbytes(const AtbTensor *t) {
+    ATB_TRY
+    if (t == nullptr) return -1;
+    return static_cast<int64_t>(t->t.nbytes());
+    ATB_CATCH_RETURN(nullptr, -1)
+}
+
+int atb_is_contiguous(const AtbTensor *t) {
+    ATB_TRY
+    if (t == nullptr) return -1;
+    return t->t.is_contiguous() ? 1 : 0;
+    ATB_CATCH_RETURN(nullptr, -1)
+}
+
+int atb_is_cpu(const AtbTensor *t) {
+    ATB_TRY
+    if (t == nullptr) return -1;
+    return t->t.is_cpu() ? 1 : 0;
+    ATB_CATCH_RETURN(nullptr, -1)
+}
+
+const void *atb_data(const AtbTensor *t) {
+    ATB_TRY
+    if (t == nullptr) return nullptr;
+    return t->t.const_data_ptr();
+    ATB_CATCH_RETURN(nullptr, nullptr)
+}
 
 int atb_host_contiguous(const AtbTensor *t, AtbTensor **host, AtbError *err) {
     ATB_TRY
@@ -199,6 +305,7 @@ int atb_stager_wait(AtbStager *s, int slot, const void **data, AtbError *err) {
 }
 
 void atb_stager_free(AtbStager *s) {
+    ATB_TRY
     if (s == nullptr) return;
     // A copy may still be in flight into a buffer that is about to be freed (an
     // error path): wait for it; nothing can be reported from here.
@@ -209,21 +316,26 @@ void atb_stager_free(AtbStager *s) {
         }
     }
     delete s;
+    ATB_CATCH_VOID
 }
 
 int atb_cuda_available(void) {
-    try {
-        return at::hasCUDA() ? 1 : 0;
-    } catch (...) {
-        return 0;
-    }
+    ATB_TRY
+    return at::hasCUDA() ? 1 : 0;
+    ATB_CATCH_RETURN(nullptr, 0)
 }
 
-void atb_free(AtbTensor *t) { delete t; }
+void atb_free(AtbTensor *t) {
+    ATB_TRY
+    delete t;
+    ATB_CATCH_VOID
+}
 
 void atb_dlpack_free(void *dl_managed) {
+    ATB_TRY
     auto *dlm = static_cast<DLManagedTensor *>(dl_managed);
     if (dlm != nullptr && dlm->deleter != nullptr) dlm->deleter(dlm);
+    ATB_CATCH_VOID
 }
 
 int atb_clone(const AtbTensor *t, AtbTensor **out, AtbError *err) {

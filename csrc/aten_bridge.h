@@ -1,6 +1,25 @@
 /* The C face of aten_bridge.cpp, the only code that sees ATen.  Pure C: opaque
  * tensor handles, int status (0 ok, -1 error with a message in AtbError), and no
- * Python.  Ownership is stated on every parameter. */
+ * Python.  Ownership is stated on every parameter.
+ *
+ * No C++ exception ever leaves a bridge function: every body, getters and void
+ * functions included, runs inside one catch-all (as PyTorch's AOTI shim does).
+ * Functions with an AtbError report failure as -1 + message.  The getters, which
+ * have no AtbError, report failure (including a NULL handle) through a sentinel
+ * that callers must check:
+ *
+ *     atb_dtype          ATB_DTYPE_INVALID  (also: a dtype the format lacks)
+ *     atb_ndim           -1
+ *     atb_size           -1                 (also: dim out of range)
+ *     atb_nbytes         -1
+ *     atb_is_contiguous  -1
+ *     atb_is_cpu         -1
+ *     atb_data           NULL  (only meaningful when atb_nbytes > 0: an empty
+ *                               tensor may legitimately have no data pointer)
+ *     atb_cuda_available 0
+ *
+ * atb_free, atb_dlpack_free and atb_stager_free swallow anything thrown (there is
+ * nobody to tell; the resource is as released as ATen could make it). */
 #ifndef MODELOPT_C_ATEN_BRIDGE_H
 #define MODELOPT_C_ATEN_BRIDGE_H
 
@@ -25,7 +44,9 @@ typedef enum {
     ATB_DTYPE_COUNT
 } AtbDtype;
 
-/* Wrap a DLPack DLManagedTensor* (steals it: on failure its deleter has run). */
+/* Wrap a DLPack DLManagedTensor* (steals it: on success the tensor owns it and
+ * runs its deleter once, when freed; on failure its deleter has run exactly once,
+ * before this returns, even when ATen threw after taking it). */
 int atb_from_dlpack(void *dl_managed, AtbTensor **out, AtbError *err);
 
 /* A DLManagedTensor* over the same storage as `t` (new; the caller owns it and
@@ -34,7 +55,9 @@ int atb_to_dlpack(const AtbTensor *t, void **dl_managed_out, AtbError *err);
 
 /* A tensor over `data` (borrowed memory, e.g. an mmap) with a C-contiguous layout;
  * `release(ctx)` runs once when ATen drops the last reference. On failure
- * release is NOT called: the caller still owns ctx. */
+ * release is NOT called, now or later, whatever ATen threw and when (e.g. a
+ * zero-element shape whose strides overflow int64 throws after the storage,
+ * holding the callback, exists): the caller still owns ctx. */
 int atb_from_blob(void *data, AtbDtype dtype, const int64_t *sizes, int ndim,
                   void (*release)(void *ctx), void *ctx, AtbTensor **out, AtbError *err);
 

@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -230,7 +231,28 @@ st_hex16(uint64_t v, char out[16])
 
 /* ------------------------------------------------------------------ helpers */
 
-/* ValueError "<path>: <message>". Always returns NULL. */
+/* The exception type for a bad file: modelopt_c.CheckpointError (a ValueError and
+ * a RuntimeError), looked up when an error is raised (a new reference; falls back
+ * to ValueError when the Python package is not importable, e.g. mid-shutdown). */
+static PyObject *
+st_error_type(void)
+{
+    PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    PyErr_Fetch(&et, &ev, &tb); /* kept aside: this runs while building an error */
+    PyObject *runtime = PyImport_ImportModule("modelopt_c._runtime");
+    PyObject *type = runtime ? PyObject_GetAttrString(runtime, "CheckpointError") : NULL;
+    Py_XDECREF(runtime);
+    if (type == NULL || !PyType_Check(type) ||
+        !PyType_IsSubtype((PyTypeObject *)type, (PyTypeObject *)PyExc_ValueError)) {
+        Py_XDECREF(type);
+        type = Py_NewRef(PyExc_ValueError);
+    }
+    PyErr_Clear(); /* only a failed import can be pending here; ValueError stands in */
+    PyErr_Restore(et, ev, tb);
+    return type;
+}
+
+/* CheckpointError "<path>: <message>". Always returns NULL. */
 static PyObject *
 st_fail(PyObject *display, const char *fmt, ...)
 {
@@ -239,7 +261,13 @@ st_fail(PyObject *display, const char *fmt, ...)
     PyObject *msg = PyUnicode_FromFormatV(fmt, ap);
     va_end(ap);
     if (msg != NULL) {
-        PyErr_Format(PyExc_ValueError, "%U: %U", display, msg);
+        PyObject *type = st_error_type();
+        PyObject *text = PyUnicode_FromFormat("%U: %U", display, msg);
+        if (text != NULL) {
+            PyErr_SetObject(type, text);
+            Py_DECREF(text);
+        }
+        Py_DECREF(type);
         Py_DECREF(msg);
     }
     return NULL;
@@ -256,22 +284,27 @@ st_prefix_error(PyObject *display, PyObject *what)
     PyObject *text = exc ? PyObject_Str(exc) : NULL;
     if (text == NULL) {
         PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "%U: %U", display, what);
+        st_fail(display, "%U", what);
     }
     else if (PyErr_GivenExceptionMatches(exc, PyExc_OSError) ||
              PyErr_GivenExceptionMatches(exc, PyExc_KeyboardInterrupt)) {
         PyErr_SetObject(etype, exc);
     }
     else {
-        /* BufferError is what __dlpack__ raises for tensors it cannot export. */
-        PyObject *type = PyErr_GivenExceptionMatches(exc, PyExc_BufferError) ? PyExc_ValueError
-                                                                             : (PyObject *)Py_TYPE(exc);
+        /* BufferError is what __dlpack__ raises for tensors it cannot export; a
+         * ValueError becomes a CheckpointError (one type for the format's errors). */
+        PyObject *ck = st_error_type();
+        PyObject *type = PyErr_GivenExceptionMatches(exc, PyExc_BufferError) ||
+                                 (PyErr_GivenExceptionMatches(exc, PyExc_ValueError) &&
+                                  !PyErr_GivenExceptionMatches(exc, ck))
+                             ? ck
+                             : (PyObject *)Py_TYPE(exc);
         PyObject *msg = PyUnicode_FromFormat("%U: %U: %U", display, what, text);
         if (msg != NULL) {
             PyObject *new_exc = PyObject_CallOneArg(type, msg);
             if (new_exc == NULL) {
                 PyErr_Clear();
-                PyErr_SetObject(PyExc_ValueError, msg);
+                PyErr_SetObject(ck, msg);
             }
             else {
                 PyErr_SetObject(type, new_exc);
@@ -279,6 +312,7 @@ st_prefix_error(PyObject *display, PyObject *what)
             }
             Py_DECREF(msg);
         }
+        Py_DECREF(ck);
     }
     Py_XDECREF(text);
     Py_XDECREF(exc);
@@ -432,9 +466,84 @@ typedef struct {
     PyObject *name;    /* strong */
     AtbTensor *tensor; /* owned */
     int dtype;         /* index into st_dtypes */
+    int is_cpu;        /* atb_is_cpu, asked once */
     uint64_t nbytes, begin;
     size_t hash_pos;   /* where its 16 hex digits sit in the header */
 } StOut;
+
+/* Refuse, before any export, the tensors whose bytes DLPack cannot describe or
+ * would describe wrongly: subclasses (DTensor, FSDP2 shards, wrappers: their
+ * storage is not their value), sparse, nested, quantized and meta tensors.
+ * `plain`: the accepted exact types (torch.Tensor, torch.nn.Parameter), then
+ * torch.strided. */
+static int
+st_check_kind(PyObject *value, PyObject *key, PyObject *display, PyObject *const plain[3])
+{
+    PyObject *attr = NULL;
+    int rc = -1;
+    if ((PyObject *)Py_TYPE(value) != plain[0] && (PyObject *)Py_TYPE(value) != plain[1]) {
+        int sharded = PyObject_HasAttrString(value, "full_tensor") &&
+                      PyObject_HasAttrString(value, "device_mesh");
+        if (sharded) {
+            PyErr_Format(PyExc_TypeError,
+                         "%U: tensor %R is a %.100s (a sharded tensor): gather it, e.g. `full_tensor()`, or save "
+                         "with the torch format / DCP; sharded saves are not supported yet",
+                         display, key, Py_TYPE(value)->tp_name);
+        }
+        else {
+            PyErr_Format(PyExc_TypeError,
+                         "%U: tensor %R is a %.100s, a torch.Tensor subclass whose storage need not hold its "
+                         "values: save a plain tensor (e.g. its underlying data as torch.Tensor), or use the "
+                         "torch format",
+                         display, key, Py_TYPE(value)->tp_name);
+        }
+        goto error;
+    }
+    static const struct {
+        const char *attr, *what;
+    } kinds[] = {
+        {"is_nested", "is a nested tensor: save its components (`unbind()`) or a padded copy "
+                      "(`to_padded_tensor`)"},
+        {"is_quantized", "is quantized: save `int_repr()` with its scale and zero point, or `dequantize()`"},
+        {"is_meta", "is on the meta device and has no data: materialise it (e.g. `to_empty()` and load or "
+                    "initialise it) first"},
+    };
+    for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++) {
+        attr = PyObject_GetAttrString(value, kinds[i].attr);
+        int yes = attr ? PyObject_IsTrue(attr) : -1;
+        Py_CLEAR(attr);
+        if (yes < 0) {
+            goto error;
+        }
+        if (yes) {
+            st_fail(display, "tensor %R %s", key, kinds[i].what);
+            goto error;
+        }
+    }
+    /* Any non-strided layout: sparse (COO, CSR/CSC/BSR/BSC), jagged, mkldnn. */
+    attr = PyObject_GetAttrString(value, "layout");
+    if (attr == NULL) {
+        goto error;
+    }
+    if (attr != plain[2]) {
+        PyObject *sp = PyObject_GetAttrString(value, "is_sparse");
+        int sparse = sp ? PyObject_IsTrue(sp) : -1;
+        Py_XDECREF(sp);
+        if (sparse > 0) {
+            st_fail(display, "tensor %R is sparse: save `to_dense()`, or its indices and values as separate tensors",
+                    key);
+        }
+        else if (sparse == 0) {
+            st_fail(display, "tensor %R has layout %S: only strided (dense) tensors can be stored; save `to_dense()`",
+                    key, attr);
+        }
+        goto error;
+    }
+    rc = 0;
+error:
+    Py_XDECREF(attr);
+    return rc;
+}
 
 /* An AtbTensor over a torch tensor's storage (via DLPack; no copy). */
 static int
@@ -446,6 +555,25 @@ st_tensor_handle(PyObject *tensor, AtbTensor **out, AtbError *err)
     if (detached == NULL) {
         goto error;
     }
+    /* DLPack has no conjugate or negative bit: a lazily conjugated or negated view
+     * (x.conj(), x.conj().imag) would export its unmodified bytes and come back with
+     * the wrong sign. Materialise them (asking first: the bits are rare, and the
+     * question is cheaper than the no-op resolve). */
+    static const char *const bits[2][2] = {{"is_conj", "resolve_conj"}, {"is_neg", "resolve_neg"}};
+    for (int b = 0; b < 2; b++) {
+        PyObject *set = PyObject_CallMethod(detached, bits[b][0], NULL);
+        int yes = set ? PyObject_IsTrue(set) : -1;
+        Py_XDECREF(set);
+        if (yes < 0) {
+            goto error;
+        }
+        if (yes) {
+            Py_SETREF(detached, PyObject_CallMethod(detached, bits[b][1], NULL));
+            if (detached == NULL) {
+                goto error;
+            }
+        }
+    }
     cap = PyObject_CallMethod(detached, "__dlpack__", NULL);
     if (cap == NULL) {
         goto error;
@@ -454,7 +582,7 @@ st_tensor_handle(PyObject *tensor, AtbTensor **out, AtbError *err)
     if (dlm == NULL || PyCapsule_SetName(cap, "used_dltensor") < 0) {
         goto error;
     }
-    if (atb_from_dlpack(dlm, out, err) < 0) {
+    if (atb_from_dlpack(dlm, out, err) < 0) { /* the bridge ran dlm's deleter */
         PyErr_SetString(PyExc_ValueError, err->msg);
         goto error;
     }
@@ -540,7 +668,7 @@ st_piece_after(StOut *const *order, Py_ssize_t nout, const StPiece *p, size_t ch
 static int
 st_is_staged(const StOut *o, size_t stage_bytes)
 {
-    return stage_bytes || !atb_is_cpu(o->tensor);
+    return stage_bytes || !o->is_cpu;
 }
 
 /* Queue piece `p` into the stager's next slot, if its tensor is staged (else it is
@@ -647,12 +775,17 @@ st_write_data(int fd, PyObject *display, StOut *const *order, Py_ssize_t nout, u
                     goto done;
                 }
                 host_of = cur.i;
-                if ((uint64_t)atb_nbytes(host) != o->nbytes) {
+                if (atb_nbytes(host) < 0 || (uint64_t)atb_nbytes(host) != o->nbytes) {
                     st_fail(display, "tensor %R changed size while being written", o->name);
                     goto done;
                 }
             }
-            data = (const char *)atb_data(host) + cur.off;
+            data = (const char *)atb_data(host);
+            if (data == NULL) { /* the bridge's failure sentinel (this piece has bytes) */
+                st_fail(display, "cannot read the bytes of tensor %R", o->name);
+                goto done;
+            }
+            data += cur.off;
         }
 
         if (cur.off == 0) {
@@ -706,6 +839,7 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
     PyObject *path = NULL, *tensors = NULL, *metadata = NULL, *progress = Py_None;
     Py_ssize_t stage_bytes = 0;
     PyObject *fsbytes = NULL, *display = NULL, *torch = NULL, *tensor_type = NULL, *items = NULL;
+    PyObject *plain[3] = {NULL, NULL, NULL}; /* torch.Tensor, torch.nn.Parameter, torch.strided */
     PyObject *result = NULL;
     StOut *outs = NULL, **order = NULL;
     Py_ssize_t nout = 0, count = 0;
@@ -733,6 +867,15 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
     torch = PyImport_ImportModule("torch");
     if (torch == NULL || (tensor_type = PyObject_GetAttrString(torch, "Tensor")) == NULL) {
         goto error;
+    }
+    {
+        PyObject *nn = PyObject_GetAttrString(torch, "nn");
+        plain[0] = Py_NewRef(tensor_type);
+        plain[1] = nn ? PyObject_GetAttrString(nn, "Parameter") : NULL;
+        Py_XDECREF(nn);
+        if (plain[1] == NULL || (plain[2] = PyObject_GetAttrString(torch, "strided")) == NULL) {
+            goto error;
+        }
     }
 
     /* 1. Look at every tensor (no bytes are touched yet). */
@@ -767,6 +910,9 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
                              Py_TYPE(value)->tp_name);
                 goto error;
             }
+            if (st_check_kind(value, key, display, plain) < 0) {
+                goto error;
+            }
             o->name = Py_NewRef(key);
             nout++;
             if (st_tensor_handle(value, &o->tensor, &err) < 0) {
@@ -786,10 +932,19 @@ st_write(PyObject *module, PyObject *args, PyObject *kwargs)
                 }
                 goto error;
             }
+            /* -1 is the bridge's failure sentinel for each of these */
             int64_t nb = atb_nbytes(o->tensor);
-            if (nb < 0 || atb_ndim(o->tensor) > ST_MAX_NDIM) {
+            int ndim = atb_ndim(o->tensor);
+            o->is_cpu = atb_is_cpu(o->tensor);
+            if (nb < 0 || ndim < 0 || ndim > ST_MAX_NDIM || o->is_cpu < 0) {
                 st_fail(display, "tensor %R has an unsupported shape", key);
                 goto error;
+            }
+            for (int d = 0; d < ndim; d++) {
+                if (atb_size(o->tensor, d) < 0) {
+                    st_fail(display, "tensor %R has an unsupported shape", key);
+                    goto error;
+                }
             }
             o->nbytes = (uint64_t)nb;
             order[nout - 1] = o;
@@ -961,6 +1116,9 @@ error:
     Py_XDECREF(display);
     Py_XDECREF(torch);
     Py_XDECREF(tensor_type);
+    Py_XDECREF(plain[0]);
+    Py_XDECREF(plain[1]);
+    Py_XDECREF(plain[2]);
     Py_XDECREF(items);
     return result;
 }
@@ -1174,6 +1332,44 @@ done:
 }
 
 /* A non-negative JSON integer that fits in int64. */
+/* A string that is only compared, never kept (field names, dtypes): plain
+ * printable ASCII without escapes is matched in place, with no allocation;
+ * anything else goes through st_json_string (*owned holds that str). */
+static int
+st_json_word(StHeader *h, const char **s, Py_ssize_t *n, PyObject **owned)
+{
+    *owned = NULL;
+    st_ws(h);
+    if (h->p < h->end && *h->p == '"') {
+        const unsigned char *q = h->p + 1;
+        while (q < h->end && *q != '"' && *q != '\\' && *q >= 0x20 && *q < 0x7f) {
+            q++;
+        }
+        if (q < h->end && *q == '"') {
+            *s = (const char *)h->p + 1;
+            *n = (Py_ssize_t)(q - h->p - 1);
+            h->p = q + 1;
+            return 0;
+        }
+    }
+    *owned = st_json_string(h);
+    if (*owned == NULL) {
+        return -1;
+    }
+    *s = PyUnicode_AsUTF8AndSize(*owned, n);
+    if (*s == NULL) {
+        Py_CLEAR(*owned);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+st_word_is(const char *s, Py_ssize_t n, const char *lit)
+{
+    return (size_t)n == strlen(lit) && memcmp(s, lit, (size_t)n) == 0;
+}
+
 static int
 st_json_uint(StHeader *h, const char *what, PyObject *name, uint64_t *out)
 {
@@ -1291,38 +1487,50 @@ st_json_entry(StHeader *h, PyObject *name)
     }
     h->p++;
     for (;;) {
-        PyObject *k = st_json_string(h);
-        if (k == NULL || st_expect(h, ':', "expected ':'") < 0) {
+        const char *ks;
+        Py_ssize_t kn;
+        PyObject *k = NULL;
+        if (st_json_word(h, &ks, &kn, &k) < 0) {
+            return -1;
+        }
+        int bit = st_word_is(ks, kn, "dtype")          ? 1
+                  : st_word_is(ks, kn, "shape")        ? 2
+                  : st_word_is(ks, kn, "data_offsets") ? 4
+                                                       : 0;
+        if (bit == 0 || (seen & bit)) {
+            if (k == NULL) {
+                k = PyUnicode_FromStringAndSize(ks, kn);
+            }
+            if (k != NULL) {
+                st_fail(h->display, bit ? "tensor %R: duplicate field %R" : "tensor %R: unknown field %R", name, k);
+            }
             Py_XDECREF(k);
             return -1;
         }
-        int bit = PyUnicode_CompareWithASCIIString(k, "dtype") == 0          ? 1
-                  : PyUnicode_CompareWithASCIIString(k, "shape") == 0        ? 2
-                  : PyUnicode_CompareWithASCIIString(k, "data_offsets") == 0 ? 4
-                                                                             : 0;
-        if (bit == 0 || (seen & bit)) {
-            st_fail(h->display, bit ? "tensor %R: duplicate field %R" : "tensor %R: unknown field %R", name, k);
-            Py_DECREF(k);
+        Py_XDECREF(k);
+        if (st_expect(h, ':', "expected ':'") < 0) {
             return -1;
         }
-        Py_DECREF(k);
         seen |= bit;
         if (bit == 1) {
-            PyObject *dt = st_json_string(h);
-            if (dt == NULL) {
+            const char *ds;
+            Py_ssize_t dn;
+            PyObject *dt = NULL;
+            if (st_json_word(h, &ds, &dn, &dt) < 0) {
                 return -1;
             }
-            Py_ssize_t n;
-            const char *s = PyUnicode_AsUTF8AndSize(dt, &n);
-            e.dtype = s ? st_dtype_by_name(s, n) : -1;
+            e.dtype = st_dtype_by_name(ds, dn);
             if (e.dtype < 0) {
-                if (s != NULL) {
+                if (dt == NULL) {
+                    dt = PyUnicode_FromStringAndSize(ds, dn);
+                }
+                if (dt != NULL) {
                     st_fail(h->display, "tensor %R: unknown dtype %R", name, dt);
                 }
-                Py_DECREF(dt);
+                Py_XDECREF(dt);
                 return -1;
             }
-            Py_DECREF(dt);
+            Py_XDECREF(dt);
         }
         else if (bit == 2) {
             st_ws(h);
@@ -1412,6 +1620,13 @@ st_json_entry(StHeader *h, PyObject *name)
 }
 
 static int
+st_cmp_entry_names(const void *a, const void *b)
+{
+    const StEntry *x = *(const StEntry *const *)a, *y = *(const StEntry *const *)b;
+    return PyUnicode_Compare(x->name, y->name); /* str vs str: cannot fail */
+}
+
+static int
 st_cmp_entry_offsets(const void *a, const void *b)
 {
     const StEntry *x = *(const StEntry *const *)a, *y = *(const StEntry *const *)b;
@@ -1429,17 +1644,12 @@ st_cmp_entry_offsets(const void *a, const void *b)
 static int
 st_parse_header(StHeader *h, const unsigned char *json, size_t n, uint64_t data_len, PyObject *metadata)
 {
-    PyObject *seen = NULL;
     StEntry **sorted = NULL;
     int rc = -1;
     h->start = h->p = json;
     h->end = json + n;
     if (n == 0 || json[0] != '{') {
         st_fail(h->display, "the header is not a JSON object (it must start with '{')");
-        goto error;
-    }
-    seen = PyDict_New();
-    if (seen == NULL) {
         goto error;
     }
     int have_meta = 0;
@@ -1475,14 +1685,7 @@ st_parse_header(StHeader *h, const unsigned char *json, size_t n, uint64_t data_
                 }
             }
             else {
-                int dup = PyDict_Contains(seen, k);
-                if (dup != 0 || (dup == 0 && PyDict_SetItem(seen, k, Py_None) < 0)) {
-                    if (dup == 1) {
-                        st_fail(h->display, "duplicate tensor name %R in the header", k);
-                    }
-                    Py_DECREF(k);
-                    goto error;
-                }
+                /* duplicate names are found once all are read, by sorting */
                 int r = st_json_entry(h, k);
                 Py_DECREF(k);
                 if (r < 0) {
@@ -1553,6 +1756,15 @@ st_parse_header(StHeader *h, const unsigned char *json, size_t n, uint64_t data_
     for (size_t i = 0; i < h->nentries; i++) {
         sorted[i] = &h->entries[i];
     }
+    /* Unique names: sorted by name, a duplicate sits next to its twin (O(n log n)
+     * time, no per-name hash table). */
+    qsort(sorted, h->nentries, sizeof(StEntry *), st_cmp_entry_names);
+    for (size_t i = 1; i < h->nentries; i++) {
+        if (PyUnicode_Compare(sorted[i - 1]->name, sorted[i]->name) == 0) {
+            st_fail(h->display, "duplicate tensor name %R in the header", sorted[i]->name);
+            goto error;
+        }
+    }
     qsort(sorted, h->nentries, sizeof(StEntry *), st_cmp_entry_offsets);
     uint64_t at = 0;
     for (size_t i = 0; i < h->nentries; i++) {
@@ -1577,7 +1789,6 @@ st_parse_header(StHeader *h, const unsigned char *json, size_t n, uint64_t data_
     }
     rc = 0;
 error:
-    Py_XDECREF(seen);
     PyMem_Free(sorted);
     return rc;
 }
@@ -1701,8 +1912,10 @@ st_make_tensor(StMap *map, const StHeader *h, const StEntry *e, char *data, PyOb
     atomic_fetch_add(&map->refs, 1);
     if (atb_from_blob(ptr, st_dtypes[e->dtype].code, h->shapes + e->shape_at, e->ndim, st_map_release, map, &t,
                       &err) < 0) {
-        st_map_release(map); /* not called by the bridge on failure */
-        st_fail(h->display, "tensor %R: %s", e->name, err.msg);
+        /* The bridge's contract: on failure it has not called (and never will call)
+         * st_map_release, so the reference taken above is still ours to drop. */
+        st_map_release(map);
+        st_fail(h->display, "tensor %R: its shape cannot be made into a tensor (%s)", e->name, err.msg);
         goto error;
     }
     if ((uintptr_t)ptr % (uintptr_t)st_dtypes[e->dtype].itemsize != 0) {
@@ -1731,6 +1944,63 @@ error:
         atb_free(t);
     }
     return result;
+}
+
+/* The hash pass of st_verify, on up to ST_HASH_THREADS threads when there is
+ * enough data: each takes the next unhashed tensor (one tensor is hashed by one
+ * thread, XXH64 being sequential). No Python, called without the GIL. */
+#define ST_HASH_THREADS 8
+#define ST_HASH_PARALLEL_MIN ((uint64_t)64 << 20)
+
+typedef struct {
+    const StHeader *h;
+    const char *data;
+    uint64_t *actual;
+    atomic_size_t next;
+} StHashJob;
+
+static void *
+st_hash_worker(void *arg)
+{
+    StHashJob *job = arg;
+    for (;;) {
+        size_t i = atomic_fetch_add(&job->next, 1);
+        if (i >= job->h->nentries) {
+            return NULL;
+        }
+        const StEntry *e = &job->h->entries[i];
+        job->actual[i] = st_xxh64_buffer(job->data + e->begin, (size_t)(e->end - e->begin));
+    }
+}
+
+static void
+st_hash_all(const StHeader *h, const char *data, uint64_t *actual)
+{
+    StHashJob job = {.h = h, .data = data, .actual = actual};
+    atomic_init(&job.next, 0);
+    pthread_t threads[ST_HASH_THREADS];
+    int started = 0;
+    uint64_t total = 0, biggest = 0;
+    for (size_t i = 0; i < h->nentries; i++) {
+        uint64_t n = h->entries[i].end - h->entries[i].begin;
+        total += n;
+        biggest = n > biggest ? n : biggest;
+    }
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int want = cpus > 1 ? (int)(cpus < ST_HASH_THREADS ? cpus : ST_HASH_THREADS) : 1;
+    if (total < ST_HASH_PARALLEL_MIN || total - biggest < ST_HASH_PARALLEL_MIN / 2 || h->nentries < 2) {
+        want = 1; /* small, or one tensor is nearly everything: threads buy nothing */
+    }
+    for (int t = 1; t < want; t++) { /* this thread is worker 0 */
+        if (pthread_create(&threads[started], NULL, st_hash_worker, &job) != 0) {
+            break; /* fewer helpers; the work still gets done */
+        }
+        started++;
+    }
+    st_hash_worker(&job);
+    for (int t = 0; t < started; t++) {
+        pthread_join(threads[t], NULL);
+    }
 }
 
 /* Check the stored checksums of every entry against the mapped bytes. */
@@ -1821,9 +2091,7 @@ st_verify(StHeader *h, PyObject *metadata, const char *data)
         Py_CLEAR(value);
     }
     Py_BEGIN_ALLOW_THREADS
-    for (size_t i = 0; i < h->nentries; i++) {
-        actual[i] = st_xxh64_buffer(data + h->entries[i].begin, (size_t)(h->entries[i].end - h->entries[i].begin));
-    }
+    st_hash_all(h, data, actual);
     Py_END_ALLOW_THREADS
     for (size_t i = 0; i < h->nentries; i++) {
         if (actual[i] != expected[i]) {
@@ -1847,27 +2115,29 @@ error:
 }
 
 PyDoc_STRVAR(st_read_doc,
-"st_read(path, *, verify=False) -> (metadata, tensors)\n--\n\n"
-"Read a safetensors file: validate its header (ValueError \"<path>: <what>\" on any\n"
+"st_read(path, *, verify=False, _verify_if_present=False) -> (metadata, tensors)\n--\n\n"
+"Read a safetensors file: validate its header (CheckpointError \"<path>: <what>\" on any\n"
 "defect), map it copy-on-write and return the `__metadata__` dict and a dict of CPU\n"
 "tensors over the mapping (zero-copy; writes to them never reach the file), in\n"
 "header order.  The mapping lives until the last tensor over it is freed.\n"
-"verify=True also checks the XXH64 checksums the writer stored (ValueError naming\n"
-"the tensor on a mismatch, or when the file has no checksums).");
+"verify=True also checks the XXH64 checksums the writer stored (CheckpointError\n"
+"naming the tensor on a mismatch, or when the file has no checksums; with\n"
+"_verify_if_present=True a file without checksums is read unchecked).\n"
+"Every defect of the file raises modelopt_c.CheckpointError, a ValueError.");
 
 static PyObject *
 st_read(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"path", "verify", NULL};
+    static char *kwlist[] = {"path", "verify", "_verify_if_present", NULL};
     PyObject *path = NULL, *fsbytes = NULL, *display = NULL, *metadata = NULL, *tensors = NULL;
     PyObject *torch = NULL, *from_dlpack = NULL, *result = NULL;
-    int verify = 0, fd = -1;
+    int verify = 0, if_present = 0, fd = -1;
     StHeader h = {0};
     StMap *map = NULL;
     uint64_t n = 0, size = 0;
     (void)module;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$p:st_read", kwlist, &path, &verify) ||
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$pp:st_read", kwlist, &path, &verify, &if_present) ||
         st_path_args(path, &fsbytes, &display) < 0) {
         goto error;
     }
@@ -1899,6 +2169,10 @@ st_read(PyObject *module, PyObject *args, PyObject *kwargs)
     close(fd);
     fd = -1;
     char *data = (char *)map->addr + 8 + n;
+    if (verify && if_present) {
+        int has = PyDict_GetItemString(metadata, "checksums") != NULL; /* metadata holds only str */
+        verify = has;
+    }
     if (verify && st_verify(&h, metadata, data) < 0) {
         goto error;
     }

@@ -288,7 +288,7 @@ def load_checkpoint(f: Any, kwargs: dict[str, Any]) -> tuple[dict, dict]:
 
         if not isinstance(f, (str, os.PathLike)):
             raise TypeError(f"{name}: restoring the safetensors-compatible format needs a file path.")
-        state, weights = st_format.load_file(f)
+        state, weights = st_format.load_file(f, verify=kwargs.get("verify", True))
         return state, _st_map_location(weights, kwargs.get("map_location"), name)
     objs = _torch_load_checked(f, kwargs)
     if not isinstance(objs, dict) or "modelopt_state" not in objs or "model_state_dict" not in objs:

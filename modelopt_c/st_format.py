@@ -13,6 +13,7 @@ import os
 from typing import Any, BinaryIO, Callable, Union
 
 from . import _conversion
+from ._runtime import CheckpointError
 
 FORMAT_NAME = "modelopt_c"
 FORMAT_VERSION = "1"
@@ -60,7 +61,9 @@ def save_file(
     tensors: dict[str, Any] = {}
     for name, tensor in state_dict.items():
         if isinstance(name, str) and name.startswith(RESERVED_PREFIX):
-            raise ValueError(f"{os.fspath(path)}: state_dict key {name!r} uses the reserved prefix {RESERVED_PREFIX!r}")
+            raise CheckpointError(
+                f"{os.fspath(path)}: state_dict key {name!r} uses the reserved prefix {RESERVED_PREFIX!r}"
+            )
         tensors[name] = tensor
     for i, tensor in enumerate(extras):
         tensors[f"{RESERVED_PREFIX}{i}"] = tensor
@@ -80,52 +83,61 @@ def split_tensors(tensors: dict[str, Any], where: str = "") -> tuple[list[Any], 
         if name.startswith(RESERVED_PREFIX):
             index = name[len(RESERVED_PREFIX):]
             if not index.isdigit() or str(int(index)) != index:
-                raise ValueError(f"{where}: bad reserved tensor name {name!r}")
+                raise CheckpointError(f"{where}: bad reserved tensor name {name!r}")
             extras[int(index)] = tensor
         else:
             state_dict[name] = tensor
     if sorted(extras) != list(range(len(extras))):
-        raise ValueError(f"{where}: the {RESERVED_PREFIX}<i> tensors are not numbered 0..{len(extras) - 1}")
+        raise CheckpointError(f"{where}: the {RESERVED_PREFIX}<i> tensors are not numbered 0..{len(extras) - 1}")
     return [extras[i] for i in range(len(extras))], state_dict
 
 
 def decode_metadata_state(metadata: dict[str, str], extras: list[Any], where: str) -> Any:
     """The modelopt state stored in a modelopt_c file's ``__metadata__``."""
     if metadata.get("format") != FORMAT_NAME:
-        raise ValueError(
+        raise CheckpointError(
             f"{where}: not a modelopt_c checkpoint (its __metadata__ has no \"format\": \"{FORMAT_NAME}\"); "
             "it is a plain safetensors file: load its tensors with safetensors.torch.load_file"
         )
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"{where}: format_version {version!r} is not supported (this modelopt_c reads {FORMAT_VERSION!r}); "
             "upgrade modelopt_c"
         )
     text = metadata.get("modelopt_state")
     if text is None:
-        raise ValueError(f"{where}: the metadata has no 'modelopt_state'")
+        raise CheckpointError(f"{where}: the metadata has no 'modelopt_state'")
     try:
         payload = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError) as exc:
-        raise ValueError(f"{where}: 'modelopt_state' is not valid base64 ({exc})") from None
+        raise CheckpointError(f"{where}: 'modelopt_state' is not valid base64 ({exc})") from None
     decode = _codec("decode_state")
     try:
         return decode(payload, extras)
-    except ValueError as exc:
-        raise type(exc)(f"{where}: modelopt_state: {exc}") from exc
+    except ValueError as exc:  # StateDecodeError: the file's state is malformed
+        raise CheckpointError(f"{where}: modelopt_state: {exc}") from exc
 
 
-def load_file(path: PathLike, verify: bool = False) -> tuple[Any, dict[str, Any]]:
+def load_file(path: PathLike, verify: bool = True) -> tuple[Any, dict[str, Any]]:
     """Read a modelopt_c safetensors file: ``(modelopt_state, state_dict)``.
 
     The tensors are CPU tensors over a copy-on-write mapping of the file (zero-copy).
-    ``verify=True`` checks every tensor's checksum first.
+    ``verify=True`` (the default) checks every tensor's XXH64 checksum against the
+    mapped bytes before returning (one extra read of the data, from the page cache
+    when warm); ``verify=False`` skips it. Every defect of the file raises
+    :class:`CheckpointError` naming the file.
     """
     where = os.fspath(path)
-    metadata, tensors = _conversion.st_read(path, verify=verify)
+    metadata, tensors = _conversion.st_read(path, verify=verify, _verify_if_present=True)
     extras, state_dict = split_tensors(tensors, where)
     state = decode_metadata_state(metadata, extras, where)
+    if verify and "checksums" not in metadata:
+        # modelopt_c's writer always stores them: this file was made or altered elsewhere
+        raise CheckpointError(
+            f"{where}: the file has no checksums to verify (modelopt_c always writes them, so it was altered "
+            "or made by another tool); pass verify=False to load it unchecked"
+        )
     return state, state_dict
 
 

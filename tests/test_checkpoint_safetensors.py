@@ -175,3 +175,33 @@ def test_background_writeback_thread_ends_with_every_save(converted, tmp_path):
     with pytest.raises(RuntimeError, match="stop"):
         _conversion.st_write(tmp_path / "x.safetensors", {"a": torch.ones(3)}, {}, progress=boom)
     assert _threads() == before
+
+
+def _flip_a_weight_bit(path):
+    from modelopt_c import st_format
+
+    _, info, start = st_format.read_header(path)
+    name = next(k for k in info if not k.startswith("__modelopt_state__.") and info[k][3] > info[k][2])
+    data = bytearray(path.read_bytes())
+    data[start + info[name][2]] ^= 0x01
+    path.write_bytes(bytes(data))
+    return name
+
+
+def test_restore_verifies_checksums_unless_told_not_to(converted, tmp_path, x):
+    path = tmp_path / "c.safetensors"
+    mto.save(converted, path)
+    name = _flip_a_weight_bit(path)
+    fresh = TinyNet()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(mto.CheckpointError, match=rf"{path}: tensor '{name}': checksum mismatch .*the file is corrupt"):
+        mto.restore(fresh, path)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # nothing copied
+    with torch.device("meta"):
+        skeleton = TinyNet()
+    with pytest.raises(mto.CheckpointError, match=rf"tensor '{name}': checksum mismatch"):
+        mto.restore(skeleton, path)  # adopting the mapping verifies too
+    restored = mto.restore(TinyNet(), path, verify=False)
+    got = restored.state_dict()[name]
+    want = converted.state_dict()[name]
+    assert got.shape == want.shape and not torch.equal(got, want)  # the damaged bytes, as asked

@@ -1,7 +1,13 @@
 """Regenerate the adversarial corpus: python tests/st_corpus/make_corpus.py
 
-Every file here must make st_read / st_read_header raise a ValueError (never crash,
-hang or allocate by what the file claims)."""
+Every file here must make the reader raise modelopt_c.CheckpointError (a ValueError)
+"<path>: <what>" -- never crash, hang or allocate by what the file claims.  EXPECT
+says where each file fails and how: (stage, message regex).  Stages, in order:
+"header" (st_read_header), "read" (st_read: the header is well-formed but the
+tensors cannot be made), "verify" (st_read(verify=True): checksums).  A file fails
+at its stage (with that message) and at every later one (with CheckpointError),
+and passes the earlier ones.  Files not in
+EXPECT fail at "header" with any message."""
 
 import json
 import struct
@@ -58,6 +64,59 @@ CASES = {
     "deep_nesting": raw(b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}"),
     "unterminated_string": raw(b'{"abc'),
     "bad_escape": raw(b'{"a\\x": 1}'),
+    # zero elements, but the contiguous strides overflow int64: at::from_blob throws
+    # after it built the storage (the mapping was once released twice here)
+    "stride_overflow_empty": raw(h({"a": {"dtype": "F32", "shape": [0, 2**32, 2**32], "data_offsets": [0, 0]}})),
+    "stride_overflow_empty_inner": raw(h({"a": {"dtype": "U8", "shape": [1, 0, 2**63 - 1, 2],
+                                                "data_offsets": [0, 0]}})),
+    "stride_overflow_after_good": raw(h({"g": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+                                         "z": {"dtype": "I64", "shape": [0, 2**40, 2**40], "data_offsets": [4, 4]}}),
+                                      b"\1\2\3\4"),
+    "unknown_dtype_escaped": raw(b'{"a": {"dtype":"F\\u0033\\u0032x","shape":[0],"data_offsets":[0,0]}}'),
+    "unknown_field_escaped": raw(b'{"a": {"dtyp\\u0065s":"F32","shape":[0],"data_offsets":[0,0]}}'),
+    "dup_tensor_far_apart": raw(h({"a": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]},
+                                   **{f"x{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(50)}})
+                                [:-1] + b', "a": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}'),
+    # well-formed files whose checksums (modelopt_c metadata) are wrong or malformed
+    "checksum_mismatch": raw(h({"__metadata__": {"checksum_algorithm": "xxh64",
+                                                 "checksums": json.dumps({"a": "0123456789abcdef"})},
+                                "a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}), b"abcd"),
+    "checksum_missing_tensor": raw(h({"__metadata__": {"checksum_algorithm": "xxh64",
+                                                       "checksums": json.dumps({"b": "ef46db3751d8e999"})},
+                                      "a": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}})),
+    "checksum_not_hex": raw(h({"__metadata__": {"checksum_algorithm": "xxh64",
+                                                "checksums": json.dumps({"a": "ef46db3751d8e99g"})},
+                               "a": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}})),
+    "checksum_count": raw(h({"__metadata__": {"checksum_algorithm": "xxh64",
+                                              "checksums": json.dumps({"a": "ef46db3751d8e999", "b": "0" * 16})},
+                             "a": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}})),
+    "checksum_algorithm": raw(h({"__metadata__": {"checksum_algorithm": "md5", "checksums": "{}"}})),
+    "checksums_malformed": raw(h({"__metadata__": {"checksum_algorithm": "xxh64", "checksums": "{\"a\": 1}"},
+                                  "a": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}})),
+    "checksums_absent": raw(h({"a": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}})),
+}
+
+_STRIDES = r"tensor '(a|z)': its shape cannot be made into a tensor \(Stride calculation overflowed"
+EXPECT = {
+    "stride_overflow_empty": ("read", _STRIDES),
+    "stride_overflow_empty_inner": ("read", _STRIDES),
+    "stride_overflow_after_good": ("read", _STRIDES),
+    "unknown_dtype_escaped": ("header", r"tensor 'a': unknown dtype 'F32x'"),
+    "unknown_field_escaped": ("header", r"tensor 'a': unknown field 'dtypes'"),
+    "dup_tensor": ("header", r"duplicate tensor name 'a' in the header"),
+    "dup_tensor_far_apart": ("header", r"duplicate tensor name 'a' in the header"),
+    "dup_field": ("header", r"tensor 'a': duplicate field 'dtype'"),
+    "unknown_field": ("header", r"tensor 'a': unknown field 'extra'"),
+    "len_over_cap": ("header", r"header length 100000001 is over the 100000000-byte limit"),
+    "shape_overflow": ("header", r"tensor 'a': shape and dtype F64 need over \d+ bytes but data_offsets span 0"),
+    "checksum_mismatch": ("verify", r"tensor 'a': checksum mismatch \(stored xxh64 0123456789abcdef, data has "
+                                    r"[0-9a-f]{16}\): the file is corrupt"),
+    "checksum_missing_tensor": ("verify", r"tensor 'a' has no checksum"),
+    "checksum_not_hex": ("verify", r"tensor 'a': checksum 'ef46db3751d8e99g' is not 16 hex digits"),
+    "checksum_count": ("verify", r"the 'checksums' metadata lists 2 tensors but the file has 1"),
+    "checksum_algorithm": ("verify", r"unsupported checksum_algorithm 'md5' \(this build checks 'xxh64'\)"),
+    "checksums_malformed": ("verify", r"the 'checksums' metadata is malformed"),
+    "checksums_absent": ("verify", r"no checksums to verify \(the metadata has no 'checksums'\)"),
 }
 
 if __name__ == "__main__":
