@@ -329,9 +329,11 @@ def _clean(text: str, f: Any) -> str:
 def _callers_fault(exc: BaseException, kwargs: dict[str, Any]) -> bool:
     """Whether a load failed because of the caller's arguments, not the file's bytes."""
     text = str(exc)
+    location = kwargs.get("map_location")
     if isinstance(exc, RuntimeError) and ("deserialize object on" in text or "CUDA" in text):
         return True  # map_location names a device that is not there
-    location = kwargs.get("map_location")
+    if isinstance(location, (str, torch.device)) and f"(tagged with {location})" in text:
+        return True  # map_location names no device torch knows
     code = getattr(location, "__code__", None) or getattr(getattr(location, "__call__", None), "__code__", None)
     tb = exc.__traceback__
     while code is not None and tb is not None:
