@@ -343,6 +343,10 @@ def test_cli_wrong_shapes_in_torch_files_are_one_line_errors(tmp_path):
         for argv in (("inspect", path), ("inspect", "--json", path), ("verify", path),
                      ("convert", path, tmp_path / "o.safetensors"), ("convert", path, tmp_path / "o2.pt")):
             code, out, err = run_cli(*argv)
+            if argv[0] == "verify" and name.startswith("top_level"):
+                # verify checks a torch file's integrity; one that is not a checkpoint says so
+                assert code == 0 and out.startswith(f"OK {path} (torch): ") and "not a modelopt checkpoint" in out
+                continue
             what = assert_one_line_error(path, code, err)
             assert text in what, (name, argv, what)
         assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o2.pt").exists()
