@@ -614,11 +614,25 @@ def _register_slice_mode() -> None:
 _SLICE_REGISTRY = _register_slice_mode()  # registries are held weakly: keep it
 
 
-def test_slice_in_metadata_saves_and_restores(tmp_path):
+@pytest.fixture
+def safe_globals_without_slice():
+    """torch's safe-globals list without slice (nvidia-modelopt, once imported, adds it
+    for everyone), restored afterwards."""
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals([g for g in before if g is not slice])
+    yield
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(before)
+
+
+def test_slice_in_metadata_saves_and_restores(tmp_path, safe_globals_without_slice):
     name = SLICE_MODE
     model = mto.apply_mode(nn.Linear(4, 4), [name])
     path = tmp_path / "c.pt"
     mto.save(model, path)
+    with pytest.raises(pickle.UnpicklingError, match="GLOBAL slice was not an allowed global"):  # torch alone
+        torch.load(path, weights_only=True)
     restored = mto.restore(nn.Linear(4, 4), path)
     assert restored.seen == {"rows": slice(1, 5, 2), "all": slice(None), "nested": [slice(0, 3)]}
     assert torch.equal(restored.weight, model.weight)
@@ -629,22 +643,19 @@ def test_slice_in_metadata_saves_and_restores(tmp_path):
     assert state["modelopt_state_dict"][0][1]["metadata"]["rows"] == slice(1, 5, 2)
     again = mto.restore_from_modelopt_state(nn.Linear(4, 4), modelopt_state_path=state_path)
     assert again.seen["nested"] == [slice(0, 3)]
-    # only slice: the user's own safe-globals list is as it was, and other globals still refused
+    # only for our loads: torch's list is as it was
     assert slice not in torch.serialization.get_safe_globals()
     code, out, _ = run_cli("inspect", path)
     assert code == 0 and "metadata: rows: slice" in out
 
 
-def test_users_own_safe_slice_is_left_in_place(tmp_path):
+def test_users_own_safe_slice_is_left_in_place(tmp_path, safe_globals_without_slice):
     name = SLICE_MODE
     path = tmp_path / "c.pt"
     mto.save(mto.apply_mode(nn.Linear(4, 4), [name]), path)
     torch.serialization.add_safe_globals([slice])
-    try:
-        mto.restore(nn.Linear(4, 4), path)
-        assert slice in torch.serialization.get_safe_globals()
-    finally:
-        torch.serialization.clear_safe_globals()
+    mto.restore(nn.Linear(4, 4), path)
+    assert slice in torch.serialization.get_safe_globals()
 
 
 # ---- 7. permissions of converted files -----------------------------------------------------------
