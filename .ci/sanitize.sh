@@ -47,14 +47,16 @@ nm -D modelopt_c/_conversion*.so >symbols.txt; grep -q __asan_report symbols.txt
     { echo "sanitize.sh: extension not instrumented" >&2; exit 1; }
 echo "sanitize.sh: ASan self-check fired as expected; running the codec, core and format tests"
 
-# 2. the codec tests, the core's (manager, conversion, checkpoints) and the format's
-#    (writer incl. the staging pipeline, hostile headers) against the instrumented build
+# 2. the codec tests, the core's (manager, conversion, checkpoints), the format's
+#    (writer incl. the staging pipeline, hostile headers) and the CLI's and damaged files'
+#    (test_cli, test_files_and_errors) against the instrumented build
 # --capture=sys: pytest must not swallow fd 2, where ASan/UBSan write their report
 # right before they abort the process.
 LD_PRELOAD="$asan_lib" python -m pytest -q -p no:cacheprovider --capture=sys \
     tests/test_codec.py tests/test_state_manager.py tests/test_conversion.py \
     tests/test_config_and_modes.py tests/test_checkpoint_torch.py \
-    tests/test_st_format.py tests/test_checkpoint_safetensors.py "$@" || {
+    tests/test_st_format.py tests/test_checkpoint_safetensors.py \
+    tests/test_cli.py tests/test_files_and_errors.py "$@" || {
     status=$?
     echo "sanitize.sh: FAILED (exit $status; a sanitizer report, if any, is above)" >&2
     exit "$status"

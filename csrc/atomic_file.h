@@ -1,8 +1,9 @@
 /* Crash-safe replacement of a file: write a temporary file in the target's folder,
  * fsync it, rename it over the target, fsync the folder.  A crash or kill at any
- * point leaves the old file or the new one; temp files of killed writers are
- * removed by the next successful replacement of the same target.  Plain C, errno
- * on failure, no Python: callable with the GIL released. */
+ * point leaves the old file or the new one.  The writer holds an flock on its temp
+ * file while it writes; temp files of writers that are gone (killed), for any target,
+ * are removed by the next writer into the same folder.  Plain C, errno on failure,
+ * no Python: callable with the GIL released. */
 #ifndef MODELOPT_C_ATOMIC_FILE_H
 #define MODELOPT_C_ATOMIC_FILE_H
 
@@ -17,7 +18,8 @@ typedef struct {
     AtomicFlusher *flusher; /* background writeback, or NULL */
 } AtomicFile;
 
-/* Create a fresh temp file beside `target` (mode 0666 & ~umask, or the target's own
+/* Remove the stale temp files in `target`'s folder (see atomic_file.c), then create a
+ * fresh, locked temp file beside `target` (mode 0666 & ~umask, or the target's own
  * permission bits when it exists).  0, or -1 with errno set and nothing left behind. */
 int atomic_file_open(AtomicFile *af, const char *target);
 
@@ -30,8 +32,8 @@ int atomic_file_open(AtomicFile *af, const char *target);
  * commit and close. */
 void atomic_file_start_writeback(AtomicFile *af);
 
-/* fsync the temp file, rename it over the target, fsync the folder and remove stale
- * temp files of this target.  0, or -1 with errno (then call atomic_file_close). */
+/* fsync the temp file, rename it over the target, fsync the folder.  0, or -1 with
+ * errno (then call atomic_file_close). */
 int atomic_file_commit(AtomicFile *af);
 
 /* Close the temp file and remove it if it was not committed; free everything.

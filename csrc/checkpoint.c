@@ -6,8 +6,76 @@
 #include "aten_bridge.h"
 #include "atomic_file.h"
 
+#include <errno.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+
 
 /* ---- crash-safe replacement ------------------------------------------------------ */
+
+/* Raise OSError(err) for writing `path` (the target, not our temp name: that is the
+ * path the user knows).  A full disk or a file-size limit says so in words, and that
+ * the old file is unchanged; the exception set before (torch's), if any, becomes the
+ * new one's cause. */
+static void
+raise_write_error(int err, PyObject *path)
+{
+    PyObject *ctype = NULL, *cause = NULL, *ctb = NULL;
+    PyErr_Fetch(&ctype, &cause, &ctb);
+    PyErr_NormalizeException(&ctype, &cause, &ctb);
+    if (cause != NULL && ctb != NULL) {
+        PyException_SetTraceback(cause, ctb);
+    }
+    Py_XDECREF(ctype);
+    Py_XDECREF(ctb);
+    const char *what = err == ENOSPC   ? "no space left on device"
+                       : err == EDQUOT ? "disk quota exceeded"
+                       : err == EFBIG  ? "file too large (the process's file-size limit, ulimit -f)"
+                                       : NULL;
+    if (what == NULL) {
+        errno = err;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+    }
+    else {
+        PyObject *msg = PyUnicode_FromFormat("%s while writing the checkpoint; the old file is unchanged", what);
+        PyObject *exc = msg != NULL ? PyObject_CallFunction(PyExc_OSError, "iOO", err, msg, path) : NULL;
+        if (exc != NULL) {
+            PyErr_SetObject(PyExc_OSError, exc);
+            Py_DECREF(exc);
+        }
+        Py_XDECREF(msg);
+    }
+    if (cause != NULL) {
+        PyObject *type = NULL, *exc = NULL, *tb = NULL;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        if (exc != NULL) {
+            PyException_SetCause(exc, Py_NewRef(cause));
+            PyException_SetContext(exc, Py_NewRef(cause));
+        }
+        PyErr_Restore(type, exc, tb);
+        Py_DECREF(cause);
+    }
+}
+
+/* Why torch.save failed, when the file system says so: torch reports a failed write
+ * as "enforce fail ... unexpected pos", losing errno.  0 when nothing points there. */
+static int
+write_failure_errno(int fd)
+{
+    struct statvfs vfs;
+    struct stat sb;
+    struct rlimit lim;
+    if (fstatvfs(fd, &vfs) == 0 && (unsigned long long)vfs.f_bavail * vfs.f_frsize < (1ULL << 20)) {
+        return ENOSPC;
+    }
+    if (fstat(fd, &sb) == 0 && getrlimit(RLIMIT_FSIZE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY &&
+        (unsigned long long)sb.st_size + 65536 > (unsigned long long)lim.rlim_cur) {
+        return EFBIG;
+    }
+    return 0;
+}
 
 /* torch.save(obj, path, **kwargs) so that `path` is replaced atomically. */
 static PyObject *
@@ -15,31 +83,39 @@ save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObje
 {
     PyObject *encoded = NULL, *tmp_obj = NULL, *args = NULL, *res = NULL, *result = NULL;
     AtomicFile af = {.fd = -1};
-    int r;
+    int r, err = 0;
 
     if (!PyUnicode_FSConverter(path_obj, &encoded)) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
     r = atomic_file_open(&af, PyBytes_AS_STRING(encoded));
+    err = errno;
     if (r == 0) {
         atomic_file_start_writeback(&af); /* disk writes overlap torch.save's work */
     }
     Py_END_ALLOW_THREADS
     if (r < 0) {
-        /* name the target, not our temp name: that is the path the user knows */
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
+        raise_write_error(err, path_obj);
         goto error;
     }
-    if ((tmp_obj = PyUnicode_DecodeFSDefault(af.tmp)) == NULL || (args = PyTuple_Pack(2, obj, tmp_obj)) == NULL ||
-        (res = PyObject_Call(cs->torch_save, args, kwargs)) == NULL) {
+    if ((tmp_obj = PyUnicode_DecodeFSDefault(af.tmp)) == NULL || (args = PyTuple_Pack(2, obj, tmp_obj)) == NULL) {
+        goto error;
+    }
+    if ((res = PyObject_Call(cs->torch_save, args, kwargs)) == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_RuntimeError) || PyErr_ExceptionMatches(PyExc_OSError)) {
+            if ((err = write_failure_errno(af.fd)) != 0) {
+                raise_write_error(err, path_obj);
+            }
+        }
         goto error;
     }
     Py_BEGIN_ALLOW_THREADS
     r = atomic_file_commit(&af);
+    err = errno;
     Py_END_ALLOW_THREADS
     if (r < 0) {
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
+        raise_write_error(err, path_obj);
         goto error;
     }
     result = Py_NewRef(Py_None);
@@ -49,6 +125,19 @@ error:
     Py_XDECREF(tmp_obj);
     Py_XDECREF(args);
     Py_XDECREF(res);
+    return result;
+}
+
+/* torch.save(obj, path) through the crash-safe writer (the CLI's convert). */
+PyObject *
+ckpt_save_torch_file(ModuleState *st, PyObject *path, PyObject *obj)
+{
+    PyObject *fspath = PyOS_FSPath(path);
+    if (fspath == NULL) {
+        return NULL;
+    }
+    PyObject *result = save_torch_atomic(&st->ckpt, fspath, obj, NULL);
+    Py_DECREF(fspath);
     return result;
 }
 

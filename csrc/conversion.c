@@ -618,6 +618,23 @@ error:
     return result;
 }
 
+PyDoc_STRVAR(save_torch_file_doc,
+"_save_torch_file(path, obj) -> None\n\n"
+"torch.save(obj, path) through save()'s crash-safe writer (temp file locked while\n"
+"written, fsync, rename, fsync the folder; stale temp files of the folder removed).\n"
+"For the command-line tool.");
+
+static PyObject *
+conversion_save_torch_file(PyObject *module, PyObject *args)
+{
+    PyObject *path, *obj;
+    if (!PyArg_ParseTuple(args, "OO:_save_torch_file", &path, &obj)) {
+        return NULL;
+    }
+    GET_STATE(module);
+    return ckpt_save_torch_file(st, path, obj);
+}
+
 PyDoc_STRVAR(restore_doc,
 "restore(model, f, **kwargs) -> nn.Module\n\n"
 "Load a checkpoint written by save() (either format, told apart by the file's first\n"
@@ -674,5 +691,6 @@ PyMethodDef conversion_methods[] = {
      METH_VARARGS | METH_KEYWORDS, restore_from_modelopt_state_doc},
     {"save", (PyCFunction)(void (*)(void))conversion_save, METH_VARARGS | METH_KEYWORDS, save_doc},
     {"restore", (PyCFunction)(void (*)(void))conversion_restore, METH_VARARGS | METH_KEYWORDS, restore_doc},
+    {"_save_torch_file", (PyCFunction)conversion_save_torch_file, METH_VARARGS, save_torch_file_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -74,6 +74,8 @@ extern PyMethodDef conversion_methods[];   /* conversion.c */
  * `state_dict` into the model's own tensors in place (strict); `source` names the
  * file in errors. */
 PyObject *ckpt_save(ModuleState *st, PyObject *const *call);
+/* torch.save(obj, path) through the crash-safe writer; None (the CLI's convert). */
+PyObject *ckpt_save_torch_file(ModuleState *st, PyObject *path, PyObject *obj);
 int ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObject *source);
 
 #endif

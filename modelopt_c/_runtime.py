@@ -5,6 +5,7 @@ core should not hard-code (it depends on Python-level classes users can extend).
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import warnings
 from typing import Any
@@ -121,21 +122,90 @@ def describe_file(f: Any) -> str:
 
 
 def torch_load(f: Any, kwargs: dict[str, Any]) -> Any:
-    """``torch.load`` with safe defaults: CPU, ``weights_only=True``, mmap for paths."""
+    """``torch.load`` with safe defaults: CPU, ``weights_only=True``, mmap for paths.
+
+    A path is opened once, without blocking, and must be a regular file (a FIFO or a
+    device would hang or never end); torch then reads that same open file through
+    /proc/self/fd, so the file checked is the file loaded.  ``slice`` is allowed
+    under weights_only (modes keep slices in their metadata).
+    """
     kwargs = dict(kwargs)
     kwargs.setdefault("map_location", "cpu")
     kwargs.setdefault("weights_only", True)
-    if isinstance(f, (str, os.PathLike)) and sniff_format(f) == "torch":
-        kwargs.setdefault("mmap", True)  # only the zip format can be mapped (not legacy files)
-    if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".safetensors"):
-        # torch.load picks its reader by this suffix; the bytes say torch's format, so
-        # hand torch the same file under a neutral name (still memory-mapped)
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            return torch.load(f"/proc/self/fd/{fd}", **kwargs)
-        finally:
-            os.close(fd)
-    return torch.load(f, **kwargs)
+    if not isinstance(f, (str, os.PathLike)):
+        with _slice_allowed():
+            return torch.load(f, **kwargs)
+    fd = open_regular_file(f)
+    try:
+        if _first_bytes_fd(fd, 4) == _ZIP_MAGIC:
+            kwargs.setdefault("mmap", True)  # only the zip format can be mapped (not legacy files)
+        # torch.load also picks its reader by a ".safetensors" suffix; the neutral
+        # /proc name hands it the bytes, whose format was already told apart
+        name = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else os.fspath(f)
+        with _slice_allowed():
+            return torch.load(name, **kwargs)
+    finally:
+        os.close(fd)
+
+
+class _slice_allowed:
+    """Allow ``slice`` under weights_only for one load (and leave a user's own list as it was)."""
+
+    def __enter__(self) -> None:
+        self._ctx = None
+        if slice not in torch.serialization.get_safe_globals():
+            self._ctx = torch.serialization.safe_globals([slice])
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+_FILE_KINDS = (
+    ("S_ISDIR", "is a folder"),
+    ("S_ISFIFO", "is a FIFO"),
+    ("S_ISCHR", "is a character device"),
+    ("S_ISBLK", "is a block device"),
+    ("S_ISSOCK", "is a socket"),
+)
+
+
+def open_regular_file(path: Any, what: str = "restore") -> int:
+    """A read-only descriptor of ``path``, which must be a regular file.
+
+    Opened with O_NONBLOCK (a FIFO without a writer would block the open itself),
+    then checked with fstat: anything but a regular file is a CheckpointError naming
+    it.  A missing file stays FileNotFoundError.
+    """
+    import stat
+
+    name = describe_file(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except IsADirectoryError:  # some systems refuse to open a folder for reading
+        raise CheckpointError(f"{name} is a folder: {what} takes a checkpoint file.") from None
+    except (FileNotFoundError, PermissionError):
+        raise
+    except OSError as exc:
+        # e.g. ENXIO: a socket, or a device with no driver
+        raise CheckpointError(f"{name} cannot be opened as a checkpoint file: {exc.strerror or exc}.") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((text for test, text in _FILE_KINDS if getattr(stat, test)(mode)), "is not a regular file")
+            if kind == "is a folder":
+                raise CheckpointError(f"{name} is a folder: {what} takes a checkpoint file.")
+            raise CheckpointError(f"{name} {kind}, not a regular file: {what} takes a checkpoint file.")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _first_bytes_fd(fd: int, n: int) -> bytes:
+    return os.pread(fd, n, 0)
 
 
 # ---- checkpoints -----------------------------------------------------------------
@@ -175,10 +245,13 @@ def save_safetensors(f: Any, state_dict: dict, modelopt_state: dict, kwargs: dic
     st_format.save_file(f, state_dict, modelopt_state)
 
 
-def _first_bytes(f: Any, n: int = 16) -> bytes:
+def _first_bytes(f: Any, n: int = 16, what: str = "restore") -> bytes:
     if isinstance(f, (str, os.PathLike)):
-        with open(f, "rb") as fh:
-            return fh.read(n)
+        fd = open_regular_file(f, what)
+        try:
+            return _first_bytes_fd(fd, n)
+        finally:
+            os.close(fd)
     if hasattr(f, "peek"):
         return bytes(f.peek(n)[:n])
     if hasattr(f, "seek") and hasattr(f, "tell"):
@@ -197,51 +270,84 @@ def looks_like_safetensors(head: bytes) -> bool:
 
 
 def _torch_load_checked(f: Any, kwargs: dict[str, Any]) -> Any:
-    """``torch_load`` with its failures turned into errors that name the file."""
+    """``torch_load`` with its failures turned into errors that name the file.
+
+    A damaged file makes torch's zip reader and unpickler raise almost anything
+    (RuntimeError, UnicodeDecodeError, IndexError, KeyError, EOFError, struct.error,
+    AssertionError, TypeError...): every exception of the load is caught by type and
+    becomes a CheckpointError, except what the caller's arguments caused (a device
+    that is not there, an exception of their own map_location function), which stays
+    itself.  A weights_only refusal stays a pickle.UnpicklingError (CheckpointRefused,
+    also a CheckpointError).
+    """
     import pickle
 
     name = describe_file(f)
     try:
         return torch_load(f, kwargs)
-    except FileNotFoundError:
-        raise
+    except (FileNotFoundError, PermissionError, CheckpointError):
+        raise  # from opening the file: the path itself is wrong, or not a regular file
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "Weights only load failed" in text:
-            # torch's own reason sits on the line after "WeightsUnpickler error:"
-            lines = [ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[-1].splitlines() if ln.strip()]
-            reason = lines[0] if lines else "not on torch's safe list"
-            raise pickle.UnpicklingError(
-                f"{name}: refused to load with weights_only=True: {reason}. Loading it would need full "
-                "pickle, which can run code stored in the file; modelopt_c never does that on its own. "
-                "If you trust this file, pass weights_only=False explicitly."
-            ) from exc
-        raise CheckpointError(f"{name} is not a readable checkpoint (corrupted pickle data: {exc}).") from exc
-    except (RuntimeError, EOFError, ValueError) as exc:
-        # only a broken file is a CheckpointError: a bad map_location, say, stays itself
-        if not isinstance(exc, EOFError) and not any(sign in str(exc) for sign in _CORRUPTION_SIGNS):
+        text = _clean(str(exc), f)
+        if "Weights only load failed" not in text:
+            raise CheckpointError(f"{name} is not a readable checkpoint (corrupted pickle data: {text}).") from exc
+        # torch's own reason sits on the line after "WeightsUnpickler error:"
+        lines = [ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[-1].splitlines() if ln.strip()]
+        reason = lines[0] if lines else "not on torch's safe list"
+        if "global" not in reason.lower():
+            reason += " (the file is damaged, or uses pickle features torch does not allow)"
+        raise CheckpointRefused(
+            f"{name}: refused to load with weights_only=True: {reason}. Loading it would need full "
+            "pickle, which can run code stored in the file; modelopt_c never does that on its own. "
+            "If you trust this file, pass weights_only=False explicitly."
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - classified below, none swallowed
+        if _callers_fault(exc, kwargs):
             raise
+        text = " ".join(_clean(str(exc), f).split())
+        if len(text) > 300:
+            text = text[:300] + " ..."
         raise CheckpointError(
-            f"{name} is not a readable torch checkpoint (truncated or corrupted?): {exc}"
+            f"{name} is not a readable torch checkpoint (truncated or corrupted?): "
+            f"{type(exc).__name__}: {text or 'no detail'}"
         ) from exc
 
 
-# What torch's zip reader and unpickler say about a file that is not a whole checkpoint.
-_CORRUPTION_SIGNS = (
-    "PytorchStreamReader",
-    "zip archive",
-    "central directory",
-    "invalid load key",
-    "Ran out of input",
-    "unexpected EOF",
-    "file not found",
-    "truncated",
-)
+class CheckpointRefused(pickle.UnpicklingError, CheckpointError):
+    """weights_only refused the file: it holds pickle that torch does not allow."""
 
 
-def sniff_format(f: Any) -> str | None:
-    """"torch", "torch-legacy", "safetensors" or None, from the file's first bytes."""
-    head = _first_bytes(f, 16)
+def _clean(text: str, f: Any) -> str:
+    """torch's message, with the /proc/self/fd name we handed it replaced by the file's."""
+    import re
+
+    if isinstance(f, (str, os.PathLike)):
+        text = re.sub(r"/proc/self/fd/\d+", lambda _: os.fspath(f), text)
+    return text
+
+
+def _callers_fault(exc: BaseException, kwargs: dict[str, Any]) -> bool:
+    """Whether a load failed because of the caller's arguments, not the file's bytes."""
+    text = str(exc)
+    location = kwargs.get("map_location")
+    if isinstance(exc, RuntimeError) and ("deserialize object on" in text or "CUDA" in text):
+        return True  # map_location names a device that is not there
+    if isinstance(location, (str, torch.device)) and f"(tagged with {location})" in text:
+        return True  # map_location names no device torch knows
+    code = getattr(location, "__code__", None) or getattr(getattr(location, "__call__", None), "__code__", None)
+    tb = exc.__traceback__
+    while code is not None and tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True  # raised by the caller's own map_location function
+        tb = tb.tb_next
+    return False
+
+
+def sniff_format(f: Any, what: str = "restore") -> str | None:
+    """"torch", "torch-legacy", "safetensors" or None, from the file's first bytes.
+
+    A path must name a regular file (CheckpointError otherwise, naming it)."""
+    head = _first_bytes(f, 16, what)
     if head.startswith(_ZIP_MAGIC):
         return "torch"
     if head.startswith(_LEGACY_MAGIC):
@@ -283,12 +389,16 @@ def load_checkpoint(f: Any, kwargs: dict[str, Any]) -> tuple[dict, dict]:
     kind = sniff_format(f)
     if kind is None:
         raise _not_a_checkpoint(f)
+    # ours, not torch.load's: the safetensors format's per-tensor checksums (on by
+    # default); torch's format has none (its zip CRCs: `python -m modelopt_c verify`)
+    kwargs = dict(kwargs)
+    verify = kwargs.pop("verify", True)
     if kind == "safetensors":
         from . import st_format
 
         if not isinstance(f, (str, os.PathLike)):
             raise TypeError(f"{name}: restoring the safetensors-compatible format needs a file path.")
-        state, weights = st_format.load_file(f, verify=kwargs.get("verify", True))
+        state, weights = st_format.load_file(f, verify=verify)
         return state, _st_map_location(weights, kwargs.get("map_location"), name)
     objs = _torch_load_checked(f, kwargs)
     if not isinstance(objs, dict) or "modelopt_state" not in objs or "model_state_dict" not in objs:
@@ -302,7 +412,7 @@ def load_checkpoint(f: Any, kwargs: dict[str, Any]) -> tuple[dict, dict]:
 
 def load_modelopt_state_file(path: Any, kwargs: dict[str, Any]) -> dict:
     """load_modelopt_state: a safe load, then the layout checks."""
-    if sniff_format(path) not in ("torch", "torch-legacy"):
+    if sniff_format(path, "load_modelopt_state") not in ("torch", "torch-legacy"):
         raise _not_a_checkpoint(path)
     kwargs = dict(kwargs)
     kwargs.setdefault("map_location", "cpu")

@@ -10,11 +10,15 @@ import argparse
 import collections
 import json
 import os
+import struct
 import subprocess
 import sys
-import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
+
+from ._runtime import CheckpointError, open_regular_file
 
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE = 0, 1, 2
 
@@ -34,10 +38,6 @@ examples:
 
 exit status: 0 ok, 1 a corrupt/refused/unreadable checkpoint, 2 usage error.
 """
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read safely (corrupt, refused, or not a checkpoint)."""
 
 
 def _st():
@@ -70,17 +70,95 @@ def detect_kind(path: str) -> str:
 
 
 def load_torch_safely(path: str, mmap: bool = True) -> Any:
-    """``torch.load`` with ``weights_only=True``; CheckpointError with torch's refusal text."""
-    torch = _torch()
+    """``torch.load`` with ``weights_only=True``, as restore loads: every failure of a
+    damaged file is a CheckpointError naming it, a weights_only refusal says so."""
+    from ._runtime import _torch_load_checked
+
+    return _torch_load_checked(path, {} if mmap else {"mmap": False})
+
+
+def zip_problems(path: str) -> list[str]:
+    """What is wrong with the zip records of a torch-format file: each record's bytes
+    against the CRC-32 and size in the central directory, its local header's name, and
+    its data descriptor (torch writes one after every record).  [] when all agree."""
+    problems: list[str] = []
     try:
-        return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - every refusal is reported, none bypassed
-        text = str(exc).strip().splitlines()
-        raise CheckpointError(
-            f"{path}: torch.load(weights_only=True) refused the file: {type(exc).__name__}: "
-            + (text[0] if text else "")
-            + (" ..." if len(text) > 1 else "")
-        ) from exc
+        with open(path, "rb") as raw, zipfile.ZipFile(raw) as zf:
+            for info in zf.infolist():
+                name = info.filename
+                try:
+                    crc, size = _record_crc(raw, zf, info)
+                except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError, struct.error) as exc:
+                    problems.append(f"record {name!r}: {exc}")
+                    continue
+                if size != info.file_size:
+                    problems.append(f"record {name!r}: {size} bytes, the directory says {info.file_size}")
+                elif crc != info.CRC:
+                    problems.append(f"record {name!r}: its bytes have CRC-32 {crc:08x}, the directory says {info.CRC:08x}")
+                elif info.flag_bits & 0x08:
+                    problem = _descriptor_problem(raw, info)
+                    if problem:
+                        problems.append(f"record {name!r}: {problem}")
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError, struct.error) as exc:
+        problems.append(f"zip directory: {exc}")
+    return problems
+
+
+def _record_crc(raw: Any, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[int, int]:
+    """(CRC-32, size) of a record's bytes.  Stored records (torch's) are read straight
+    from the file after their local header, whose signature and name must match the
+    directory; compressed ones through zipfile (which stops at a CRC mismatch)."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        crc, size = 0, 0
+        with zf.open(info) as member:
+            while chunk := member.read(1 << 22):
+                crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+        return crc, size
+    raw.seek(info.header_offset)
+    header = raw.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile("no local header where the directory points")
+    nlen, xlen = struct.unpack_from("<HH", header, 26)
+    local_name = raw.read(nlen)
+    if local_name != info.orig_filename.encode("utf-8", "surrogateescape"):
+        raise zipfile.BadZipFile(f"the local header names it {local_name.decode('utf-8', 'replace')!r}")
+    raw.seek(info.header_offset + 30 + nlen + xlen)
+    crc, size, left = 0, 0, info.compress_size
+    while left > 0:
+        chunk = raw.read(min(left, 1 << 22))
+        if not chunk:
+            break
+        crc, size, left = zlib.crc32(chunk, crc), size + len(chunk), left - len(chunk)
+    return crc, size
+
+
+def _descriptor_problem(raw: Any, info: zipfile.ZipInfo) -> str | None:
+    """The data descriptor after a record must repeat the directory's CRC-32 and sizes."""
+    raw.seek(info.header_offset)
+    header = raw.read(30)
+    if len(header) < 30:
+        return "local header cut short"
+    nlen, xlen = struct.unpack_from("<HH", header, 26)
+    raw.seek(info.header_offset + 30 + nlen)
+    extra = raw.read(xlen)
+    tags, pos = set(), 0
+    while pos + 4 <= len(extra):
+        tag, size = struct.unpack_from("<HH", extra, pos)
+        tags.add(tag)
+        pos += 4 + size
+    wide = 0x0001 in tags or max(info.compress_size, info.file_size) >= 0xFFFFFFFF  # zip64: 8-byte sizes
+    raw.seek(info.header_offset + 30 + nlen + xlen + info.compress_size)
+    desc = raw.read(24)
+    if desc[:4] == b"PK\x07\x08":
+        desc = desc[4:]
+    fmt = "<IQQ" if wide else "<III"
+    if len(desc) < struct.calcsize(fmt):
+        return "data descriptor cut short"
+    crc, csize, usize = struct.unpack_from(fmt, desc, 0)
+    if (crc, csize, usize) != (info.CRC, info.compress_size, info.file_size):
+        return (f"data descriptor says CRC-32 {crc:08x}, {usize} bytes; the directory says "
+                f"{info.CRC:08x}, {info.file_size} bytes")
+    return None
 
 
 def _codec_available() -> bool:
@@ -96,6 +174,9 @@ def load_checkpoint(path: str, verify: bool = False) -> tuple[Any, dict[str, Any
     if kind == KIND_TORCH:
         obj = load_torch_safely(path, mmap=not verify)
         if isinstance(obj, dict) and "model_state_dict" in obj:
+            if not isinstance(obj["model_state_dict"], dict):
+                raise CheckpointError(f"{path}: model_state_dict is {_a(obj['model_state_dict'])}, not a dict")
+            _modes(obj.get("modelopt_state"), path)  # the shape of the state, checked before anything is written
             return obj.get("modelopt_state"), dict(obj["model_state_dict"]), kind
         if isinstance(obj, dict) and all(isinstance(v, _torch().Tensor) for v in obj.values()):
             return None, dict(obj), kind
@@ -161,25 +242,44 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def _modes(state: Any) -> tuple[str | None, list[dict[str, Any]]]:
-    if not isinstance(state, dict):
+def _modes(state: Any, path: str = "") -> tuple[str | None, list[dict[str, Any]]]:
+    """(modelopt_version, modes) of a modelopt_state; CheckpointError when it has the wrong shape."""
+    if state is None:
         return None, []
+    where = f"{path}: modelopt_state" if path else "modelopt_state"
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where} is {_a(state)}, not a dict")
+    entries = state.get("modelopt_state_dict", [])
+    if not isinstance(entries, (list, tuple)):
+        raise CheckpointError(f"{where}['modelopt_state_dict'] is {_a(entries)}, not a list")
     modes = []
-    for entry in state.get("modelopt_state_dict") or []:
-        try:
-            name, body = entry
-        except (TypeError, ValueError):
-            continue
-        body = body if isinstance(body, dict) else {}
-        metadata = body.get("metadata") or {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise CheckpointError(f"{where}['modelopt_state_dict'][{i}] is {_a(entry)}, not a (name, state) pair")
+        name, body = entry
+        if not isinstance(name, str) or not isinstance(body, dict):
+            raise CheckpointError(
+                f"{where}['modelopt_state_dict'][{i}] is ({_a(name)}, {_a(body)}), not a (str, dict) pair")
+        metadata = body.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{where}: mode {name!r}: metadata is {_a(metadata)}, not a dict")
         modes.append(
             {
                 "name": name,
                 "config": _jsonable(body.get("config")),
-                "metadata": {str(k): _describe(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
+                "metadata": {str(k): _describe(v) for k, v in metadata.items()},
             }
         )
-    return state.get("modelopt_version"), modes
+    version = state.get("modelopt_version")
+    return (version if version is None or isinstance(version, str) else repr(version)), modes
+
+
+def _a(value: Any) -> str:
+    """'a list', 'an int', 'None': a value's type, for messages."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return ("an " if name[:1] in "aeiou" else "a ") + name
 
 
 def inspect_file(path: str) -> dict[str, Any]:
@@ -192,11 +292,15 @@ def inspect_file(path: str) -> dict[str, Any]:
         state, state_dict = None, {}
         if isinstance(obj, dict) and "model_state_dict" in obj:
             state, state_dict = obj.get("modelopt_state"), obj["model_state_dict"]
+            if not isinstance(state_dict, dict):
+                raise CheckpointError(f"{path}: model_state_dict is {_a(state_dict)}, not a dict")
             info["keys"] = sorted(map(str, obj))
         elif isinstance(obj, dict):
             state_dict = {k: v for k, v in obj.items() if hasattr(v, "dtype")}
             info["keys"] = sorted(map(str, obj))
-        info["modelopt_version"], info["modes"] = _modes(state)
+        else:
+            raise CheckpointError(f"{path}: a torch file holding {_a(obj)}, not a modelopt checkpoint or a state dict")
+        info["modelopt_version"], info["modes"] = _modes(state, path)
         info["tensors"] = _tensor_facts(_torch_items(state_dict))
         return info
     if kind in (KIND_OURS, KIND_PLAIN):
@@ -217,7 +321,7 @@ def inspect_file(path: str) -> dict[str, Any]:
             info["format_version"] = metadata.get("format_version")
             if _codec_available():
                 state, _, _ = load_checkpoint(path)
-                info["modelopt_version"], info["modes"] = _modes(state)
+                info["modelopt_version"], info["modes"] = _modes(state, path)
             else:
                 info["modelopt_version"], info["modes"] = None, []
                 info["note"] = "this build has no state codec: modes not decoded"
@@ -279,27 +383,13 @@ def _progress_printer(label: str, every_mb: int, err: TextIO) -> Callable[[int, 
 
 
 def save_torch_atomically(obj: Any, path: str) -> None:
-    """``torch.save`` into a temp file next to ``path``, fsync, rename, fsync the folder."""
-    torch = _torch()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)[:200]}.tmp-{os.getpid()}-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """``torch.save`` through the same crash-safe writer as ``modelopt_c.save`` (a temp
+    file beside ``path``, locked while written, fsync, rename, fsync the folder): a new
+    file gets 0666 & ~umask, a replaced one keeps its permissions, and temp files of
+    killed writers in that folder are removed."""
+    from . import _conversion
+
+    _conversion._save_torch_file(path, obj)
 
 
 def _target_kind(out: str, to: str | None) -> str | None:
@@ -316,14 +406,30 @@ def _target_kind(out: str, to: str | None) -> str | None:
 # --------------------------------------------------------------------------- commands
 
 
+def _what(path: str, exc: BaseException | str) -> str:
+    """What is wrong, on one line, without the file's name the message may start with."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = exc.strerror or text
+    for prefix in (repr(path) + ": ", repr(path) + " ", path + ": ", path + " "):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
+def _fail(path: str, exc: BaseException | str, err: TextIO) -> int:
+    """One line on stderr, ``modelopt_c: <file>: <what is wrong>``; exit status 1."""
+    print(f"modelopt_c: {path}: {_what(path, exc)}", file=err)
+    return EXIT_CORRUPT
+
+
 def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         info = inspect_file(args.file)
     except CheckpointError as exc:
         if args.json:
             print(json.dumps({"file": args.file, "error": str(exc)}), file=out)
-        print(f"inspect: {exc}", file=err)
-        return EXIT_CORRUPT
+        return _fail(args.file, exc, err)
     if args.json:
         print(json.dumps(info, indent=2, default=repr), file=out)
     else:
@@ -339,33 +445,38 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         state, state_dict, kind = load_checkpoint(args.input)
     except CheckpointError as exc:
-        print(f"convert: {exc}", file=err)
-        return EXIT_CORRUPT
+        return _fail(args.input, exc, err)
     if state is None:
-        print(f"convert: {args.input}: has no modelopt_state (a plain state dict); nothing modelopt-specific to convert", file=err)
-        return EXIT_CORRUPT
+        return _fail(args.input, "has no modelopt_state (a plain state dict); nothing modelopt-specific to convert", err)
     try:
         if target == "safetensors":
             _st().save_file(args.out, state_dict, state, progress=_progress_printer("convert", args.progress_mb, err))
         else:
             save_torch_atomically({"modelopt_state": state, "model_state_dict": state_dict}, args.out)
     except (OSError, ValueError, TypeError, RuntimeError) as exc:
-        print(f"convert: writing {args.out}: {exc}", file=err)
-        return EXIT_CORRUPT
+        return _fail(args.out, f"writing failed: {exc}", err)
     print(f"converted {args.input} ({kind}) -> {args.out} ({target})", file=out)
     return EXIT_OK
 
 
 def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     path = args.file
-    kind = detect_kind(path)
     try:
+        kind = detect_kind(path)
         if kind == KIND_UNKNOWN:
             raise CheckpointError(f"{path}: neither a torch (zip) checkpoint nor a safetensors file")
         if kind == KIND_TORCH:
-            obj = load_torch_safely(path, mmap=False)  # reads (and CRC-checks) every record
-            is_modelopt = isinstance(obj, dict) and "modelopt_state" in obj and "model_state_dict" in obj
-            detail = "safe load of every record (weights_only=True)" + (
+            problems = zip_problems(path)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise CheckpointError(f"{path}: {problems[0]}{more}")
+            obj = load_torch_safely(path, mmap=False)  # every record read
+            is_modelopt = isinstance(obj, dict) and "model_state_dict" in obj
+            if is_modelopt:  # a checkpoint's parts must have their shapes
+                if not isinstance(obj["model_state_dict"], dict):
+                    raise CheckpointError(f"{path}: model_state_dict is {_a(obj['model_state_dict'])}, not a dict")
+                _modes(obj.get("modelopt_state"), path)
+            detail = "zip records match their CRC-32s, safe load of every record (weights_only=True)" + (
                 ", a modelopt checkpoint" if is_modelopt else ", not a modelopt checkpoint")
         else:
             from . import _conversion
@@ -385,12 +496,9 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     detail += ", modelopt_state decodes"
                 else:
                     detail += ", modelopt_state not decoded (no state codec in this build)"
-    except (CheckpointError, ValueError) as exc:
-        print(f"CORRUPT {exc}", file=out)
-        return EXIT_CORRUPT
-    except OSError as exc:
-        print(f"UNREADABLE {path}: {exc}", file=out)
-        return EXIT_CORRUPT
+    except (CheckpointError, ValueError, OSError) as exc:
+        print(f"CORRUPT {path}: {_what(path, exc)}", file=out)
+        return _fail(path, exc, err)
     print(f"OK {path} ({kind}): {detail}", file=out)
     return EXIT_OK
 
@@ -468,12 +576,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
-    for attr in ("file", "input"):
-        path = getattr(args, attr, None)
-        if path is not None and not os.path.isfile(path):
+    path = getattr(args, "file", None) or getattr(args, "input", None)
+    if path is not None:
+        try:
+            os.close(open_regular_file(path, args.command))
+        except FileNotFoundError:
             print(f"{args.command}: {path}: no such file", file=err)
             return EXIT_USAGE
-    return args.func(args, out, err)
+        except (CheckpointError, OSError) as exc:  # a folder, a FIFO, a device, no permission
+            if args.command == "verify":
+                print(f"UNREADABLE {path}: {_what(path, exc)}", file=out)
+            return _fail(path, exc, err)
+    try:
+        return args.func(args, out, err)
+    except Exception as exc:  # noqa: BLE001 - a bad file never ends in a traceback
+        if path is None:
+            raise
+        return _fail(path, f"{type(exc).__name__}: {exc}", err)
 
 
 if __name__ == "__main__":

@@ -110,11 +110,11 @@ def test_temp_files_of_dead_writers_are_removed_live_ones_kept(converted, tmp_pa
     dead_pid = int(dead.stdout)  # that process has exited
     stale = tmp_path / f".{name}.tmp-{dead_pid}-deadbeef"
     live = tmp_path / f".{name}.tmp-{os.getppid()}-cafecafe"  # pytest's parent is alive
-    other = tmp_path / f".other.pt.tmp-{dead_pid}-deadbeef"  # another target's: not ours to touch
+    other = tmp_path / f".other.pt.tmp-{dead_pid}-deadbeef"  # another target's, its writer gone too (issue 9)
     for p in (stale, live, other):
         p.write_bytes(b"half-written")
     mto.save(converted, tmp_path / name)
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and live.exists() and not other.exists()
     assert (tmp_path / name).exists()
 
 
