@@ -442,11 +442,30 @@ check_state_layout(ModuleState *st, PyObject *state)
     return 0;
 }
 
-static PyObject *
-restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state)
+/* Put every module of the model back as snapshot_modules found it, keeping the
+ * exception being raised (a failure of the rollback itself is reported as unraisable). */
+static void
+rollback_modules(ModuleState *st, PyObject *snapshot)
 {
-    PyObject *model = NULL, *entries = NULL, *version = NULL, *modes = NULL, *restore_fn = NULL,
-             *restored = NULL, *result = NULL;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *res = runtime_call(st, "rollback_modules", &snapshot, 1);
+    if (res == NULL) {
+        PyErr_WriteUnraisable(snapshot);
+    }
+    Py_XDECREF(res);
+    PyErr_Restore(type, value, tb);
+}
+
+/* Replay the modes of `state` on `model_arg` and, when `weights` is given, load them
+ * (checked first).  Transactional: on any failure every module of the model gets back
+ * its class, attributes, submodules, parameters, buffers, hooks and modelopt state. */
+static PyObject *
+restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state, PyObject *weights,
+                        PyObject *source)
+{
+    PyObject *model = NULL, *snapshot = NULL, *entries = NULL, *version = NULL, *modes = NULL,
+             *restore_fn = NULL, *restored = NULL, *item = NULL, *result = NULL;
     StateManager *sm = NULL;
 
     int truthy = PyObject_IsTrue(state);
@@ -460,32 +479,26 @@ restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state)
         return NULL;
     }
     if ((model = as_module(st, model_arg)) == NULL ||
+        (snapshot = runtime_call(st, "snapshot_modules", &model, 1)) == NULL ||
         (entries = PyObject_GetItem(state, st->s_modelopt_state_dict)) == NULL ||
         (version = PyObject_GetItem(state, st->s_modelopt_version)) == NULL ||
-        (sm = sm_new(st, model, 1)) == NULL) {
+        (sm = sm_new(st, model, 1)) == NULL || sm_load_state_dict(st, sm, entries, version) < 0 ||
+        (modes = PyObject_CallMethod((PyObject *)sm, "modes_with_states", NULL)) == NULL) {
         goto error;
     }
-    if (sm_load_state_dict(st, sm, entries, version) < 0) {
-        drop_fresh_state(st, model);
-        goto error;
-    }
-    if ((modes = PyObject_CallMethod((PyObject *)sm, "modes_with_states", NULL)) == NULL) {
-        goto error;
-    }
-    PyObject *item;
     while ((item = PyIter_Next(modes)) != NULL) {
-        PyObject *descriptor = PyTuple_GET_ITEM(item, 0);
-        if ((model = prepare_model_for(st, model, descriptor)) == NULL) {
-            Py_DECREF(item);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
+            PyErr_Format(PyExc_TypeError, "modes_with_states gave a %.200s, not (descriptor, config, metadata)",
+                         Py_TYPE(item)->tp_name);
             goto error;
         }
-        if ((restore_fn = PyObject_GetAttr(descriptor, st->s_restore)) == NULL) {
-            Py_DECREF(item);
+        PyObject *descriptor = PyTuple_GET_ITEM(item, 0);
+        if ((model = prepare_model_for(st, model, descriptor)) == NULL ||
+            (restore_fn = PyObject_GetAttr(descriptor, st->s_restore)) == NULL) {
             goto error;
         }
         PyObject *call[3] = {model, PyTuple_GET_ITEM(item, 1), PyTuple_GET_ITEM(item, 2)};
         restored = PyObject_Vectorcall(restore_fn, call, 3, NULL);
-        Py_DECREF(item);
         Py_CLEAR(restore_fn);
         if (restored == NULL) {
             goto error;
@@ -500,6 +513,7 @@ restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state)
         }
         Py_SETREF(model, restored);
         restored = NULL;
+        Py_CLEAR(item);
     }
     if (PyErr_Occurred()) {
         goto error;
@@ -511,17 +525,23 @@ restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state)
         }
         Py_SETREF(model, built);
     }
-    if (ensure_not_model_like(st, model) < 0) {
+    if (ensure_not_model_like(st, model) < 0 ||
+        (weights != NULL && ckpt_load_weights(st, model, weights, source) < 0)) {
         goto error;
     }
     result = Py_NewRef(model);
 error:
+    if (result == NULL && snapshot != NULL) {
+        rollback_modules(st, snapshot);
+    }
     Py_XDECREF(model);
+    Py_XDECREF(snapshot);
     Py_XDECREF(entries);
     Py_XDECREF(version);
     Py_XDECREF(modes);
     Py_XDECREF(restore_fn);
     Py_XDECREF(restored);
+    Py_XDECREF(item);
     Py_XDECREF(sm);
     return result;
 }
@@ -554,7 +574,7 @@ conversion_restore_from_modelopt_state(PyObject *module, PyObject *args, PyObjec
         }
         state = loaded;
     }
-    result = restore_from_state_impl(st, model, state);
+    result = restore_from_state_impl(st, model, state, NULL, NULL);
     Py_XDECREF(loaded);
     return result;
 }
@@ -647,10 +667,14 @@ conversion_restore(PyObject *module, PyObject *args, PyObject *kwargs)
     if ((loaded = runtime_call(st, "load_checkpoint", call, 2)) == NULL) {
         goto error;
     }
-    /* loaded is (modelopt_state, state_dict), validated by load_checkpoint */
-    if ((restored = restore_from_state_impl(st, unwrapped, PyTuple_GET_ITEM(loaded, 0))) == NULL ||
-        ckpt_load_weights(st, restored, PyTuple_GET_ITEM(loaded, 1), f) < 0 ||
-        ensure_not_model_like(st, restored) < 0) {
+    if (!PyTuple_Check(loaded) || PyTuple_GET_SIZE(loaded) != 2) {
+        PyErr_Format(PyExc_TypeError, "_runtime.load_checkpoint returned a %.200s, not (modelopt_state, weights)",
+                     Py_TYPE(loaded)->tp_name);
+        goto error;
+    }
+    /* the modes are replayed and the weights loaded as one transaction */
+    if ((restored = restore_from_state_impl(st, unwrapped, PyTuple_GET_ITEM(loaded, 0), PyTuple_GET_ITEM(loaded, 1),
+                                            f)) == NULL) {
         goto error;
     }
     result = Py_NewRef(restored);
