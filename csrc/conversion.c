@@ -442,18 +442,226 @@ check_state_layout(ModuleState *st, PyObject *state)
     return 0;
 }
 
-/* Put every module of the model back as snapshot_modules found it, keeping the
- * exception being raised (a failure of the rollback itself is reported as unraisable). */
+/* ---- transactional restore -------------------------------------------------------
+ * Before a restore replays anything, every module of the model (each once) is recorded:
+ * its class, a shallow copy of its __dict__, and a shallow copy of every non-empty
+ * dict/list/set in that __dict__ (_modules, _parameters, _buffers, hook dicts,
+ * _modelopt_state, ...).  A failed restore puts all of it back; the containers that
+ * were empty are found again through the saved __dicts__ and emptied.  O(modules)
+ * small copies, no tensor data.  Not undone: tensor data changed in place and state
+ * outside the model's modules (globals, objects only referenced from the modules). */
+
+static int
+is_container(PyObject *v)
+{
+    return PyDict_Check(v) || PyList_Check(v) || PyAnySet_Check(v);
+}
+
+static Py_ssize_t
+container_size(PyObject *v)
+{
+    return PyDict_Check(v) ? PyDict_GET_SIZE(v) : PyList_Check(v) ? PyList_GET_SIZE(v) : PySet_GET_SIZE(v);
+}
+
+/* A shallow copy of a container's items (exact types copied natively; subclasses such
+ * as OrderedDict through their own copy(), which keeps their order). */
+static PyObject *
+container_copy(PyObject *v)
+{
+    if (PyDict_CheckExact(v)) {
+        return PyDict_Copy(v);
+    }
+    if (PyList_CheckExact(v)) {
+        return PyList_GetSlice(v, 0, PyList_GET_SIZE(v));
+    }
+    if (PySet_CheckExact(v)) {
+        return PySet_New(v);
+    }
+    return PyObject_CallMethod(v, "copy", NULL);
+}
+
+static int
+container_clear(PyObject *v)
+{
+    if (PyDict_CheckExact(v)) {
+        PyDict_Clear(v);
+        return 0;
+    }
+    if (PyList_Check(v)) {
+        return PyList_SetSlice(v, 0, PyList_GET_SIZE(v), NULL);
+    }
+    if (PySet_CheckExact(v)) {
+        return PySet_Clear(v);
+    }
+    PyObject *res = PyObject_CallMethod(v, "clear", NULL);
+    Py_XDECREF(res);
+    return res == NULL ? -1 : 0;
+}
+
+static int
+container_refill(PyObject *v, PyObject *items)
+{
+    if (PyList_Check(v)) {
+        return PyList_SetSlice(v, 0, PyList_GET_SIZE(v), items);
+    }
+    if (container_clear(v) < 0) {
+        return -1;
+    }
+    if (PyDict_CheckExact(v)) {
+        return PyDict_Update(v, items);
+    }
+    PyObject *res = PyObject_CallMethod(v, "update", "O", items);
+    Py_XDECREF(res);
+    return res == NULL ? -1 : 0;
+}
+
+/* (modules, filled): modules is [module, class, dict copy, ...], filled is
+ * [container, items copy, ...].  New reference or NULL. */
+static PyObject *
+snapshot_modules(ModuleState *st, PyObject *model)
+{
+    PyObject *modules = PyList_New(0), *filled = PyList_New(0), *seen = PySet_New(NULL),
+             *stack = PyList_New(0), *module = NULL, *dict = NULL, *saved = NULL, *copy = NULL, *result = NULL;
+
+    if (modules == NULL || filled == NULL || seen == NULL || stack == NULL || PyList_Append(stack, model) < 0) {
+        goto error;
+    }
+    while (PyList_GET_SIZE(stack) > 0) {
+        Py_ssize_t top = PyList_GET_SIZE(stack) - 1;
+        module = Py_NewRef(PyList_GET_ITEM(stack, top));
+        if (PyList_SetSlice(stack, top, top + 1, NULL) < 0) {
+            goto error;
+        }
+        int known = PySet_Contains(seen, module);
+        if (known < 0 || (!known && PySet_Add(seen, module) < 0)) {
+            goto error;
+        }
+        if (known) {
+            Py_CLEAR(module);
+            continue;
+        }
+        if ((dict = PyObject_GenericGetDict(module, NULL)) == NULL) {
+            goto error;
+        }
+        if (!PyDict_Check(dict)) {
+            PyErr_Format(PyExc_TypeError, "the __dict__ of a %.200s module is a %.200s", Py_TYPE(module)->tp_name,
+                         Py_TYPE(dict)->tp_name);
+            goto error;
+        }
+        if ((saved = PyDict_Copy(dict)) == NULL || PyList_Append(modules, module) < 0 ||
+            PyList_Append(modules, (PyObject *)Py_TYPE(module)) < 0 || PyList_Append(modules, saved) < 0) {
+            goto error;
+        }
+        /* iterate our own copy: a container subclass's copy() may run code that edits __dict__ */
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(saved, &pos, &key, &value)) {
+            if (!is_container(value) || container_size(value) == 0) {
+                continue;
+            }
+            if ((copy = container_copy(value)) == NULL || PyList_Append(filled, value) < 0 ||
+                PyList_Append(filled, copy) < 0) {
+                goto error;
+            }
+            Py_CLEAR(copy);
+        }
+        Py_CLEAR(saved);
+        PyObject *children = PyDict_GetItemWithError(dict, st->s_modules); /* borrowed */
+        if (children == NULL && PyErr_Occurred()) {
+            goto error;
+        }
+        if (children != NULL && PyDict_Check(children)) {
+            pos = 0;
+            while (PyDict_Next(children, &pos, &key, &value)) {
+                if (value != Py_None && PyList_Append(stack, value) < 0) {
+                    goto error;
+                }
+            }
+        }
+        Py_CLEAR(dict);
+        Py_CLEAR(module);
+    }
+    result = PyTuple_Pack(2, modules, filled);
+error:
+    Py_XDECREF(modules);
+    Py_XDECREF(filled);
+    Py_XDECREF(seen);
+    Py_XDECREF(stack);
+    Py_XDECREF(module);
+    Py_XDECREF(dict);
+    Py_XDECREF(saved);
+    Py_XDECREF(copy);
+    return result;
+}
+
+static int
+rollback_snapshot(PyObject *snapshot)
+{
+    PyObject *modules = PyTuple_GET_ITEM(snapshot, 0), *filled = PyTuple_GET_ITEM(snapshot, 1);
+    PyObject *had_items = PySet_New(NULL), *id = NULL, *dict = NULL;
+    int result = -1;
+
+    if (had_items == NULL) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i + 1 < PyList_GET_SIZE(filled); i += 2) {
+        PyObject *container = PyList_GET_ITEM(filled, i);
+        if ((id = PyLong_FromVoidPtr(container)) == NULL || PySet_Add(had_items, id) < 0 ||
+            container_refill(container, PyList_GET_ITEM(filled, i + 1)) < 0) {
+            goto error;
+        }
+        Py_CLEAR(id);
+    }
+    for (Py_ssize_t i = 0; i + 2 < PyList_GET_SIZE(modules); i += 3) {
+        PyObject *module = PyList_GET_ITEM(modules, i), *cls = PyList_GET_ITEM(modules, i + 1),
+                 *saved = PyList_GET_ITEM(modules, i + 2);
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(saved, &pos, &key, &value)) {
+            if (!is_container(value) || container_size(value) == 0) {
+                continue;
+            }
+            if ((id = PyLong_FromVoidPtr(value)) == NULL) {
+                goto error;
+            }
+            int had = PySet_Contains(had_items, id);
+            Py_CLEAR(id);
+            if (had < 0 || (!had && container_clear(value) < 0)) { /* empty at the snapshot */
+                goto error;
+            }
+        }
+        if ((PyObject *)Py_TYPE(module) != cls && PyObject_SetAttrString(module, "__class__", cls) < 0) {
+            goto error;
+        }
+        if ((dict = PyObject_GenericGetDict(module, NULL)) == NULL) {
+            goto error;
+        }
+        if (PyDict_Check(dict)) {
+            PyDict_Clear(dict);
+            if (PyDict_Update(dict, saved) < 0) {
+                goto error;
+            }
+        }
+        Py_CLEAR(dict);
+    }
+    result = 0;
+error:
+    Py_XDECREF(had_items);
+    Py_XDECREF(id);
+    Py_XDECREF(dict);
+    return result;
+}
+
+/* Roll back, keeping the exception being raised (a failing rollback is reported as
+ * unraisable: the original error is what the caller must see). */
 static void
-rollback_modules(ModuleState *st, PyObject *snapshot)
+rollback_modules(PyObject *snapshot)
 {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    PyObject *res = runtime_call(st, "rollback_modules", &snapshot, 1);
-    if (res == NULL) {
+    if (rollback_snapshot(snapshot) < 0) {
         PyErr_WriteUnraisable(snapshot);
     }
-    Py_XDECREF(res);
     PyErr_Restore(type, value, tb);
 }
 
@@ -479,7 +687,7 @@ restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state, P
         return NULL;
     }
     if ((model = as_module(st, model_arg)) == NULL ||
-        (snapshot = runtime_call(st, "snapshot_modules", &model, 1)) == NULL ||
+        (snapshot = snapshot_modules(st, model)) == NULL ||
         (entries = PyObject_GetItem(state, st->s_modelopt_state_dict)) == NULL ||
         (version = PyObject_GetItem(state, st->s_modelopt_version)) == NULL ||
         (sm = sm_new(st, model, 1)) == NULL || sm_load_state_dict(st, sm, entries, version) < 0 ||
@@ -532,7 +740,7 @@ restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state, P
     result = Py_NewRef(model);
 error:
     if (result == NULL && snapshot != NULL) {
-        rollback_modules(st, snapshot);
+        rollback_modules(snapshot);
     }
     Py_XDECREF(model);
     Py_XDECREF(snapshot);

@@ -525,49 +525,6 @@ def load_state_dict_torch(model: nn.Module, state_dict: dict, source: Any) -> No
         raise
 
 
-# ---- transactional restore ----------------------------------------------------------
-
-_CONTAINERS = (dict, list, set)
-
-
-def snapshot_modules(model: nn.Module) -> list:
-    """What ``rollback_modules`` needs to put every module of ``model`` back as it is now.
-
-    For each module (each once): its class, a shallow copy of its ``__dict__`` and of
-    every dict/list/set in it (``_modules``, ``_parameters``, ``_buffers``, the hook
-    dicts, ``_modelopt_state``...).  O(modules); no tensor data is copied.
-    """
-    snap = []
-    seen = set()
-    stack = [model]
-    while stack:
-        module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        d = module.__dict__
-        containers = [(v, v.copy()) for v in d.values() if isinstance(v, _CONTAINERS)]
-        snap.append((module, module.__class__, d.copy(), containers))
-        stack.extend(m for m in module._modules.values() if m is not None)
-    return snap
-
-
-def rollback_modules(snap: list) -> None:
-    """Put back what ``snapshot_modules`` recorded: classes, attributes, containers."""
-    for module, cls, saved, containers in snap:
-        for container, items in containers:
-            if isinstance(container, list):
-                container[:] = items
-            else:
-                container.clear()
-                container.update(items)
-        if module.__class__ is not cls:
-            module.__class__ = cls
-        d = module.__dict__
-        d.clear()
-        d.update(saved)
-
-
 def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     """Make ``tensor`` the model's parameter or buffer ``key`` (for meta-device models)."""
     prefix, _, name = key.rpartition(".")
