@@ -523,6 +523,9 @@ snapshot_modules(ModuleState *st, PyObject *model)
     PyObject *modules = PyList_New(0), *filled = PyList_New(0), *seen = PySet_New(NULL),
              *stack = PyList_New(0), *module = NULL, *dict = NULL, *saved = NULL, *copy = NULL, *result = NULL;
 
+    /* tens of thousands of small dicts: the collector's passes would cost more than the
+     * copies (they hold only references to objects the model keeps alive anyway) */
+    int gc_was_enabled = PyGC_Disable();
     if (modules == NULL || filled == NULL || seen == NULL || stack == NULL || PyList_Append(stack, model) < 0) {
         goto error;
     }
@@ -583,6 +586,9 @@ snapshot_modules(ModuleState *st, PyObject *model)
     }
     result = PyTuple_Pack(2, modules, filled);
 error:
+    if (gc_was_enabled) {
+        PyGC_Enable();
+    }
     Py_XDECREF(modules);
     Py_XDECREF(filled);
     Py_XDECREF(seen);
@@ -759,7 +765,11 @@ PyDoc_STRVAR(restore_from_modelopt_state_doc,
 "Replay the recorded modes on a fresh model: initialise its state, load the given\n"
 "state (every config validates, mode order is checked), then call each mode's\n"
 "restore.  Give exactly one of modelopt_state / modelopt_state_path.  The weights\n"
-"are the model's own; load them afterwards (or use restore()).");
+"are the model's own; load them afterwards (or use restore()).\n\n"
+"Transactional: when a mode's restore raises, every module of the model gets back its\n"
+"class, attributes, submodules, parameters, buffers, hooks and modelopt state, and the\n"
+"exception is re-raised.  Not undone: tensor data a mode changes in place, and state\n"
+"outside the model's modules (globals, objects a mode mutates rather than replaces).");
 
 static PyObject *
 conversion_restore_from_modelopt_state(PyObject *module, PyObject *args, PyObject *kwargs)
@@ -855,8 +865,17 @@ PyDoc_STRVAR(restore_doc,
 "from the file runs; pass weights_only=False yourself only for a trusted file), and\n"
 "paths are memory-mapped, so the peak memory is the model plus one tensor.  A model\n"
 "built on the meta device gets its tensors straight from the file.  map_location\n"
-"defaults to 'cpu'.  Missing or unexpected keys raise RuntimeError listing them.\n"
-"Restore into the unwrapped model (a wrapped one raises ValueError), then wrap it.");
+"defaults to 'cpu'.  Every key, shape, dtype and kind is checked before the first byte\n"
+"is copied: RuntimeError in torch's load_state_dict wording listing every offending key\n"
+"and the file; TypeError for tensor subclasses (DTensor: restore the unsharded model).\n"
+"Models with state-dict hooks or their own (load_)state_dict load through their own\n"
+"load_state_dict, from the same mapped tensors.\n"
+"Restore into the unwrapped model (a wrapped one raises ValueError), then wrap it.\n\n"
+"Transactional: when the weights do not fit or a mode's restore raises, every module of\n"
+"the model gets back its class, attributes, submodules, parameters, buffers, hooks and\n"
+"modelopt state, and the exception is re-raised.  Not undone: tensor data a mode's\n"
+"restore changes in place, state outside the model's modules, and copies already made\n"
+"when a copy itself fails midway (after every check passed: e.g. a device error).");
 
 static PyObject *
 conversion_restore(PyObject *module, PyObject *args, PyObject *kwargs)
