@@ -62,6 +62,10 @@ ckpt_save(ModuleState *st, PyObject *const *call)
     if ((fmt = runtime_call(st, "checkpoint_format", fmt_args, 2)) == NULL) {
         goto error;
     }
+    if (!PyUnicode_Check(fmt)) {
+        PyErr_Format(PyExc_TypeError, "checkpoint_format returned a %.200s, not a str", Py_TYPE(fmt)->tp_name);
+        goto error;
+    }
     if (PyUnicode_CompareWithASCIIString(fmt, "safetensors") == 0) {
         PyObject *st_args[4] = {f, weights, state, kwargs};
         result = runtime_call(st, "save_safetensors", st_args, 4);

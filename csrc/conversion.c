@@ -198,6 +198,10 @@ conversion_apply_mode(PyObject *module, PyObject *args, PyObject *kwargs)
     if ((modes = runtime_call(st, "get_mode_config", &mode, 1)) == NULL) {
         goto error;
     }
+    if (!PyList_Check(modes)) {
+        PyErr_Format(PyExc_TypeError, "get_mode_config returned a %.200s, not a list", Py_TYPE(modes)->tp_name);
+        goto error;
+    }
     Py_ssize_t n = PyList_GET_SIZE(modes);
     if ((kwargs_list = per_mode_kwargs(mode_kwargs, n)) == NULL || (descriptors = PyList_New(n)) == NULL ||
         (configs = PyList_New(n)) == NULL) {
@@ -206,6 +210,11 @@ conversion_apply_mode(PyObject *module, PyObject *args, PyObject *kwargs)
     /* Resolve every mode and validate every config before touching the model. */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *pair = PyList_GET_ITEM(modes, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_Format(PyExc_TypeError, "get_mode_config entry %zd is a %.200s, not a (mode, config) pair", i,
+                         Py_TYPE(pair)->tp_name);
+            goto error;
+        }
         PyObject *m = PyTuple_GET_ITEM(pair, 0);
         if (registry != Py_None) {
             descriptor = PyObject_GetItem(registry, m);
