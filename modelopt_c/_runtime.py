@@ -318,25 +318,29 @@ _SAVE_METHODS = ("state_dict", "_save_to_state_dict")
 _LOAD_METHODS = ("load_state_dict", "_load_from_state_dict", "get_extra_state", "set_extra_state")
 _SAVE_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks")
 _LOAD_HOOKS = ("_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
-_class_loading: dict[type, tuple[bool, bool]] = {}
 
 
-def _class_overrides(cls: type) -> tuple[bool, bool]:
-    """(save side overridden, load side overridden) for a module class (cached)."""
-    known = _class_loading.get(cls)
+def _class_overrides(cls: type, cache: dict[type, tuple[bool, bool]]) -> tuple[bool, bool]:
+    """(save side overridden, load side overridden) for a module class.
+
+    ``cache`` lives for one walk only: a class patched later (or a dynamic class that
+    goes away) is never judged from a stale entry.
+    """
+    known = cache.get(cls)
     if known is None:
         save = any(getattr(cls, m) is not getattr(nn.Module, m) for m in _SAVE_METHODS)
         load = any(getattr(cls, m) is not getattr(nn.Module, m) for m in _LOAD_METHODS)
-        known = _class_loading[cls] = (save, load)
+        known = cache[cls] = (save, load)
     return known
 
 
-def _own_loading(module: nn.Module) -> tuple[bool, bool]:
+def _own_loading(module: nn.Module, cache: dict | None = None) -> tuple[bool, bool]:
     """(state dict may not be the live tensors, loading is not torch's plain copy)."""
-    save, load = _class_overrides(type(module))
+    save, load = _class_overrides(type(module), {} if cache is None else cache)
     d = module.__dict__
-    save = save or any(d.get(h) for h in _SAVE_HOOKS)
-    load = load or any(d.get(h) for h in _LOAD_HOOKS)
+    # hooks, or the methods themselves set on the instance
+    save = save or any(d.get(h) for h in _SAVE_HOOKS) or any(m in d for m in _SAVE_METHODS)
+    load = load or any(d.get(h) for h in _LOAD_HOOKS) or any(m in d for m in _LOAD_METHODS)
     return save, load
 
 
@@ -361,9 +365,10 @@ def _live_targets(model: nn.Module) -> tuple[dict[str, Any], bool, bool]:
     targets: dict[str, Any] = {}
     plain = checkable = True
     stack = [("", model)]
+    cache: dict[type, tuple[bool, bool]] = {}
     while stack:
         prefix, module = stack.pop()
-        save, load = _own_loading(module)
+        save, load = _own_loading(module, cache)
         if save:
             plain = False
         if load:

@@ -166,6 +166,44 @@ def test_overridden_state_dict_loads_into_the_live_tensors(tmp_path):
     assert torch.equal(fresh.fc.bias, src.fc.bias)
 
 
+def test_state_dict_set_on_the_instance_or_patched_later_is_not_the_fast_path(tmp_path):
+    torch.manual_seed(0)
+    src = WithAmax()
+    src.q.amax.copy_(torch.tensor([4.0, 3.0, 2.0, 1.0]))
+    mto.save(src, tmp_path / "c.pt")
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("amax", torch.zeros(4))
+
+    def make():
+        model = WithAmax()
+        model.q = Plain()
+        return model
+
+    from modelopt_c._runtime import _live_targets, plain_load_targets
+
+    model = make()
+    assert _live_targets(model)[1:] == (True, True) and plain_load_targets(model) is not None
+    plain = mto.restore(model, tmp_path / "c.pt")  # the fast path, once, for this class
+    assert torch.equal(plain.q.amax, src.q.amax)
+    model = make()
+    model.q.state_dict = lambda *a, **k: {"amax": torch.zeros(4)}  # an instance override
+    assert _live_targets(model)[1:] == (False, True) and plain_load_targets(model) is None
+    live = model.q.amax
+    mto.restore(model, tmp_path / "c.pt")
+    assert model.q.amax is live and torch.equal(live, src.q.amax)
+    Plain.state_dict = lambda self, *a, **k: {"amax": torch.zeros(4)}  # patched after a restore
+    model = make()
+    assert _live_targets(model)[1:] == (False, True)
+    model.q.__class__._load_from_state_dict = lambda self, *a, **k: None  # the loading side too
+    assert _live_targets(model)[1:] == (False, False)
+    live = model.q.amax
+    mto.restore(model, tmp_path / "c.pt")  # the module's own loader decides: as under torch, it loads nothing
+    assert torch.equal(live, torch.zeros(4)) and torch.equal(model.fc.weight, src.fc.weight)
+
+
 def test_hooked_model_is_still_checked_before_anything_is_copied(tmp_path):
     src = WithAmax()
     sd = src.state_dict()
