@@ -524,6 +524,14 @@ container_refill(PyObject *v, PyObject *items)
     return res == NULL ? -1 : 0;
 }
 
+static void
+untrack(PyObject *obj)
+{
+    if (PyObject_IS_GC(obj) && PyObject_GC_IsTracked(obj)) {
+        PyObject_GC_UnTrack(obj);
+    }
+}
+
 /* (modules, filled): modules is [module, class, dict copy, ...], filled is
  * [container, items copy, ...].  New reference or NULL. */
 static PyObject *
@@ -532,8 +540,10 @@ snapshot_modules(ModuleState *st, PyObject *model)
     PyObject *modules = PyList_New(0), *filled = PyList_New(0), *seen = PySet_New(NULL),
              *stack = PyList_New(0), *module = NULL, *dict = NULL, *saved = NULL, *copy = NULL, *result = NULL;
 
-    /* tens of thousands of small dicts: the collector's passes would cost more than the
-     * copies (they hold only references to objects the model keeps alive anyway) */
+    /* Tens of thousands of small copies: they are kept out of the cyclic collector, whose
+     * passes (a full one, once they had survived to the old generation) would cost more
+     * than the copies.  Safe: they reference only objects the model keeps alive, and
+     * nothing but this snapshot references them, so their refcounts free them. */
     int gc_was_enabled = PyGC_Disable();
     if (modules == NULL || filled == NULL || seen == NULL || stack == NULL || PyList_Append(stack, model) < 0) {
         goto error;
@@ -560,7 +570,7 @@ snapshot_modules(ModuleState *st, PyObject *model)
                          Py_TYPE(dict)->tp_name);
             goto error;
         }
-        if ((saved = PyDict_Copy(dict)) == NULL || PyList_Append(modules, module) < 0 ||
+        if ((saved = PyDict_Copy(dict)) == NULL || (untrack(saved), PyList_Append(modules, module) < 0) ||
             PyList_Append(modules, (PyObject *)Py_TYPE(module)) < 0 || PyList_Append(modules, saved) < 0) {
             goto error;
         }
@@ -571,7 +581,7 @@ snapshot_modules(ModuleState *st, PyObject *model)
             if (!is_container(value) || container_size(value) == 0) {
                 continue;
             }
-            if ((copy = container_copy(value)) == NULL || PyList_Append(filled, value) < 0 ||
+            if ((copy = container_copy(value)) == NULL || (untrack(copy), PyList_Append(filled, value) < 0) ||
                 PyList_Append(filled, copy) < 0) {
                 goto error;
             }
