@@ -151,6 +151,10 @@ ckpt_save(ModuleState *st, PyObject *const *call)
     if ((fmt = runtime_call(st, "checkpoint_format", fmt_args, 2)) == NULL) {
         goto error;
     }
+    if (!PyUnicode_Check(fmt)) {
+        PyErr_Format(PyExc_TypeError, "checkpoint_format returned a %.200s, not a str", Py_TYPE(fmt)->tp_name);
+        goto error;
+    }
     if (PyUnicode_CompareWithASCIIString(fmt, "safetensors") == 0) {
         PyObject *st_args[4] = {f, weights, state, kwargs};
         result = runtime_call(st, "save_safetensors", st_args, 4);
@@ -209,6 +213,18 @@ error:
     return handle;
 }
 
+/* dst.detach().copy_(src): torch's own copy, for what DLPack cannot carry (quantized,
+ * sparse, a negative or conjugate bit, which DLPack would drop or refuse). */
+static int
+torch_copy(CheckpointState *cs, PyObject *dst, PyObject *src)
+{
+    PyObject *detached = PyObject_CallMethodNoArgs(dst, cs->s_detach);
+    PyObject *res = detached ? PyObject_CallMethodOneArg(detached, cs->s_copy_, src) : NULL;
+    Py_XDECREF(detached);
+    Py_XDECREF(res);
+    return res == NULL ? -1 : 0;
+}
+
 /* dst[...] = src, in place, bytes moved by ATen with the GIL released.  Falls back to
  * Tensor.copy_ for what DLPack cannot carry (e.g. some float8 builds). */
 static int
@@ -224,11 +240,7 @@ copy_in_place(CheckpointState *cs, PyObject *dst, PyObject *src, PyObject *key)
             goto done;
         }
         PyErr_Clear();
-        PyObject *detached = PyObject_CallMethodNoArgs(dst, cs->s_detach);
-        PyObject *res = detached ? PyObject_CallMethodOneArg(detached, cs->s_copy_, src) : NULL;
-        Py_XDECREF(detached);
-        Py_XDECREF(res);
-        r = res == NULL ? -1 : 0;
+        r = torch_copy(cs, dst, src);
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
@@ -247,188 +259,66 @@ done:
     return r;
 }
 
-/* Append `"k1", "k2"` (torch's wording) for the keys of `keys` to `parts`. */
-static int
-append_key_list(PyObject *parts, const char *label, PyObject *keys)
-{
-    if (PyList_GET_SIZE(keys) == 0) {
-        return 0;
-    }
-    PyObject *quoted = PyList_New(0), *sep = NULL, *joined = NULL, *line = NULL;
-    int r = -1;
-    if (quoted == NULL) {
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
-        PyObject *q = PyUnicode_FromFormat("\"%U\"", PyList_GET_ITEM(keys, i));
-        if (q == NULL || PyList_Append(quoted, q) < 0) {
-            Py_XDECREF(q);
-            goto error;
-        }
-        Py_DECREF(q);
-    }
-    if ((sep = PyUnicode_FromString(", ")) == NULL || (joined = PyUnicode_Join(sep, quoted)) == NULL ||
-        (line = PyUnicode_FromFormat("%s key(s) in state_dict: %U. ", label, joined)) == NULL ||
-        PyList_Append(parts, line) < 0) {
-        goto error;
-    }
-    r = 0;
-error:
-    Py_XDECREF(quoted);
-    Py_XDECREF(sep);
-    Py_XDECREF(joined);
-    Py_XDECREF(line);
-    return r;
-}
-
-/* RuntimeError in torch's load_state_dict wording, plus which file it came from. */
-static void
-raise_load_errors(PyObject *model, PyObject *parts, PyObject *source)
-{
-    PyObject *sep = PyUnicode_FromString("\n\t"), *joined = NULL, *where = NULL;
-    if (sep != NULL && (joined = PyUnicode_Join(sep, parts)) != NULL) {
-        where = PyObject_Repr(source);
-        if (where != NULL) {
-            PyErr_Format(PyExc_RuntimeError,
-                         "Error(s) in loading state_dict for %s:\n\t%U\n(checkpoint %U: it was saved from a "
-                         "different architecture or with different modes; nothing was copied into the weights)",
-                         Py_TYPE(model)->tp_name, joined, where);
-        }
-    }
-    Py_XDECREF(sep);
-    Py_XDECREF(joined);
-    Py_XDECREF(where);
-}
+/* How _runtime.check_weights says each tensor is loaded. */
+enum { LOAD_BRIDGE = 0, LOAD_TORCH_COPY = 1, LOAD_ASSIGN = 2 };
 
 int
 ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObject *source)
 {
     CheckpointState *cs = &st->ckpt;
-    PyObject *targets = NULL, *missing = NULL, *unexpected = NULL, *parts = NULL, *dst_shape = NULL,
-             *src_shape = NULL, *meta = NULL, *res = NULL;
+    PyObject *plan = NULL, *res = NULL;
     int result = -1;
 
+    /* every key, shape, dtype and kind is checked there before the first byte moves;
+     * models with their own (save or load) logic are loaded there by torch's loader */
     PyObject *args[3] = {model, state_dict, source};
-    if ((targets = runtime_call(st, "plain_load_targets", args, 1)) == NULL) {
+    if ((plan = runtime_call(st, "plan_load", args, 3)) == NULL) {
         goto error;
     }
-    if (targets == Py_None) {
-        /* modules with their own loading logic: torch's loader, still in place */
-        if ((res = runtime_call(st, "load_state_dict_torch", args, 3)) == NULL) {
-            goto error;
-        }
+    if (plan == Py_None) {
         result = 0;
         goto error;
     }
-    if (!PyDict_Check(state_dict)) {
-        PyErr_Format(PyExc_TypeError, "%R: model_state_dict is a %.200s, not a dict", source,
-                     Py_TYPE(state_dict)->tp_name);
+    if (!PyList_Check(plan)) {
+        PyErr_Format(PyExc_TypeError, "_runtime.plan_load returned a %.200s, not a list", Py_TYPE(plan)->tp_name);
         goto error;
     }
-    if ((missing = PyList_New(0)) == NULL || (unexpected = PyList_New(0)) == NULL ||
-        (parts = PyList_New(0)) == NULL) {
-        goto error;
-    }
-    Py_ssize_t pos = 0;
-    PyObject *key, *value;
-    while (PyDict_Next(targets, &pos, &key, &value)) {
-        int has = PyDict_Contains(state_dict, key);
-        if (has < 0 || (!has && PyList_Append(missing, key) < 0)) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(plan); i++) {
+        PyObject *item = PyList_GET_ITEM(plan, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4 || !PyLong_Check(PyTuple_GET_ITEM(item, 3))) {
+            PyErr_Format(PyExc_TypeError, "_runtime.plan_load: entry %zd is not (key, dst, src, how)", i);
             goto error;
         }
-    }
-    pos = 0;
-    while (PyDict_Next(state_dict, &pos, &key, &value)) {
-        int has = PyDict_Contains(targets, key);
-        if (has < 0 || (!has && PyList_Append(unexpected, key) < 0)) {
+        PyObject *key = PyTuple_GET_ITEM(item, 0), *dst = PyTuple_GET_ITEM(item, 1),
+                 *src = PyTuple_GET_ITEM(item, 2);
+        long how = PyLong_AsLong(PyTuple_GET_ITEM(item, 3));
+        if (how == -1 && PyErr_Occurred()) {
             goto error;
         }
-    }
-    if (append_key_list(parts, "Unexpected", unexpected) < 0 || append_key_list(parts, "Missing", missing) < 0) {
-        goto error;
-    }
-    /* every shape is checked before the first byte moves: no half-loaded model */
-    pos = 0;
-    while (PyDict_Next(targets, &pos, &key, &value)) {
-        PyObject *src = PyDict_GetItemWithError(state_dict, key);
-        if (src == NULL) {
-            if (PyErr_Occurred()) {
-                goto error;
-            }
-            continue;
-        }
-        int is_tensor = PyObject_IsInstance(src, cs->Tensor);
-        if (is_tensor < 0) {
-            goto error;
-        }
-        if (!is_tensor) {
-            PyObject *line = PyUnicode_FromFormat("%U in the checkpoint is a %s, not a tensor.", key,
-                                                  Py_TYPE(src)->tp_name);
-            if (line == NULL || PyList_Append(parts, line) < 0) {
-                Py_XDECREF(line);
-                goto error;
-            }
-            Py_DECREF(line);
-            continue;
-        }
-        if ((dst_shape = PyObject_GetAttr(value, cs->s_shape)) == NULL ||
-            (src_shape = PyObject_GetAttr(src, cs->s_shape)) == NULL) {
-            goto error;
-        }
-        int same = PyObject_RichCompareBool(dst_shape, src_shape, Py_EQ);
-        if (same < 0) {
-            goto error;
-        }
-        if (!same) {
-            PyObject *line = PyUnicode_FromFormat(
-                "size mismatch for %U: copying a param with shape %R from checkpoint, the shape in current "
-                "model is %R.",
-                key, src_shape, dst_shape);
-            if (line == NULL || PyList_Append(parts, line) < 0) {
-                Py_XDECREF(line);
-                goto error;
-            }
-            Py_DECREF(line);
-        }
-        Py_CLEAR(dst_shape);
-        Py_CLEAR(src_shape);
-    }
-    if (PyList_GET_SIZE(parts) > 0) {
-        raise_load_errors(model, parts, source);
-        goto error;
-    }
-    pos = 0;
-    while (PyDict_Next(targets, &pos, &key, &value)) {
-        PyObject *src = PyDict_GetItemWithError(state_dict, key);
-        if (src == NULL || (meta = PyObject_GetAttr(value, cs->s_is_meta)) == NULL) {
-            goto error;
-        }
-        int on_meta = PyObject_IsTrue(meta);
-        Py_CLEAR(meta);
-        if (on_meta < 0) {
-            goto error;
-        }
-        if (on_meta) {
-            /* nothing to copy into: the file's tensor becomes the model's */
+        /* hold the entry: a copy_ may run Python code that drops the plan's references */
+        Py_INCREF(item);
+        int r;
+        if (how == LOAD_ASSIGN) {
+            /* nothing to copy into (meta model): the file's tensor becomes the model's */
             PyObject *assign_args[3] = {model, key, src};
-            if ((res = runtime_call(st, "assign_tensor", assign_args, 3)) == NULL) {
-                goto error;
-            }
+            res = runtime_call(st, "assign_tensor", assign_args, 3);
+            r = res == NULL ? -1 : 0;
             Py_CLEAR(res);
         }
-        else if (copy_in_place(cs, value, src, key) < 0) {
+        else if (how == LOAD_TORCH_COPY) {
+            r = torch_copy(cs, dst, src);
+        }
+        else {
+            r = copy_in_place(cs, dst, src, key);
+        }
+        Py_DECREF(item);
+        if (r < 0) {
             goto error;
         }
     }
     result = 0;
 error:
-    Py_XDECREF(targets);
-    Py_XDECREF(missing);
-    Py_XDECREF(unexpected);
-    Py_XDECREF(parts);
-    Py_XDECREF(dst_shape);
-    Py_XDECREF(src_shape);
-    Py_XDECREF(meta);
+    Py_XDECREF(plan);
     Py_XDECREF(res);
     return result;
 }

@@ -198,6 +198,10 @@ conversion_apply_mode(PyObject *module, PyObject *args, PyObject *kwargs)
     if ((modes = runtime_call(st, "get_mode_config", &mode, 1)) == NULL) {
         goto error;
     }
+    if (!PyList_Check(modes)) {
+        PyErr_Format(PyExc_TypeError, "get_mode_config returned a %.200s, not a list", Py_TYPE(modes)->tp_name);
+        goto error;
+    }
     Py_ssize_t n = PyList_GET_SIZE(modes);
     if ((kwargs_list = per_mode_kwargs(mode_kwargs, n)) == NULL || (descriptors = PyList_New(n)) == NULL ||
         (configs = PyList_New(n)) == NULL) {
@@ -206,6 +210,11 @@ conversion_apply_mode(PyObject *module, PyObject *args, PyObject *kwargs)
     /* Resolve every mode and validate every config before touching the model. */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *pair = PyList_GET_ITEM(modes, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_Format(PyExc_TypeError, "get_mode_config entry %zd is a %.200s, not a (mode, config) pair", i,
+                         Py_TYPE(pair)->tp_name);
+            goto error;
+        }
         PyObject *m = PyTuple_GET_ITEM(pair, 0);
         if (registry != Py_None) {
             descriptor = PyObject_GetItem(registry, m);
@@ -442,11 +451,254 @@ check_state_layout(ModuleState *st, PyObject *state)
     return 0;
 }
 
-static PyObject *
-restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state)
+/* ---- transactional restore -------------------------------------------------------
+ * Before a restore replays anything, every module of the model (each once) is recorded:
+ * its class, a shallow copy of its __dict__, and a shallow copy of every non-empty
+ * dict/list/set in that __dict__ (_modules, _parameters, _buffers, hook dicts,
+ * _modelopt_state, ...).  A failed restore puts all of it back; the containers that
+ * were empty are found again through the saved __dicts__ and emptied.  O(modules)
+ * small copies, no tensor data.  Not undone: tensor data changed in place and state
+ * outside the model's modules (globals, objects only referenced from the modules). */
+
+static int
+is_container(PyObject *v)
 {
-    PyObject *model = NULL, *entries = NULL, *version = NULL, *modes = NULL, *restore_fn = NULL,
-             *restored = NULL, *result = NULL;
+    return PyDict_Check(v) || PyList_Check(v) || PyAnySet_Check(v);
+}
+
+static Py_ssize_t
+container_size(PyObject *v)
+{
+    return PyDict_Check(v) ? PyDict_GET_SIZE(v) : PyList_Check(v) ? PyList_GET_SIZE(v) : PySet_GET_SIZE(v);
+}
+
+/* A shallow copy of a container's items (exact types copied natively; subclasses such
+ * as OrderedDict through their own copy(), which keeps their order). */
+static PyObject *
+container_copy(PyObject *v)
+{
+    if (PyDict_CheckExact(v)) {
+        return PyDict_Copy(v);
+    }
+    if (PyList_CheckExact(v)) {
+        return PyList_GetSlice(v, 0, PyList_GET_SIZE(v));
+    }
+    if (PySet_CheckExact(v)) {
+        return PySet_New(v);
+    }
+    return PyObject_CallMethod(v, "copy", NULL);
+}
+
+static int
+container_clear(PyObject *v)
+{
+    if (PyDict_CheckExact(v)) {
+        PyDict_Clear(v);
+        return 0;
+    }
+    if (PyList_Check(v)) {
+        return PyList_SetSlice(v, 0, PyList_GET_SIZE(v), NULL);
+    }
+    if (PySet_CheckExact(v)) {
+        return PySet_Clear(v);
+    }
+    PyObject *res = PyObject_CallMethod(v, "clear", NULL);
+    Py_XDECREF(res);
+    return res == NULL ? -1 : 0;
+}
+
+static int
+container_refill(PyObject *v, PyObject *items)
+{
+    if (PyList_Check(v)) {
+        return PyList_SetSlice(v, 0, PyList_GET_SIZE(v), items);
+    }
+    if (container_clear(v) < 0) {
+        return -1;
+    }
+    if (PyDict_CheckExact(v)) {
+        return PyDict_Update(v, items);
+    }
+    PyObject *res = PyObject_CallMethod(v, "update", "O", items);
+    Py_XDECREF(res);
+    return res == NULL ? -1 : 0;
+}
+
+static void
+untrack(PyObject *obj)
+{
+    if (PyObject_IS_GC(obj) && PyObject_GC_IsTracked(obj)) {
+        PyObject_GC_UnTrack(obj);
+    }
+}
+
+/* (modules, filled): modules is [module, class, dict copy, ...], filled is
+ * [container, items copy, ...].  New reference or NULL. */
+static PyObject *
+snapshot_modules(ModuleState *st, PyObject *model)
+{
+    PyObject *modules = PyList_New(0), *filled = PyList_New(0), *seen = PySet_New(NULL),
+             *stack = PyList_New(0), *module = NULL, *dict = NULL, *saved = NULL, *copy = NULL, *result = NULL;
+
+    /* Tens of thousands of small copies: they are kept out of the cyclic collector, whose
+     * passes (a full one, once they had survived to the old generation) would cost more
+     * than the copies.  Safe: they reference only objects the model keeps alive, and
+     * nothing but this snapshot references them, so their refcounts free them. */
+    int gc_was_enabled = PyGC_Disable();
+    if (modules == NULL || filled == NULL || seen == NULL || stack == NULL || PyList_Append(stack, model) < 0) {
+        goto error;
+    }
+    while (PyList_GET_SIZE(stack) > 0) {
+        Py_ssize_t top = PyList_GET_SIZE(stack) - 1;
+        module = Py_NewRef(PyList_GET_ITEM(stack, top));
+        if (PyList_SetSlice(stack, top, top + 1, NULL) < 0) {
+            goto error;
+        }
+        int known = PySet_Contains(seen, module);
+        if (known < 0 || (!known && PySet_Add(seen, module) < 0)) {
+            goto error;
+        }
+        if (known) {
+            Py_CLEAR(module);
+            continue;
+        }
+        if ((dict = PyObject_GenericGetDict(module, NULL)) == NULL) {
+            goto error;
+        }
+        if (!PyDict_Check(dict)) {
+            PyErr_Format(PyExc_TypeError, "the __dict__ of a %.200s module is a %.200s", Py_TYPE(module)->tp_name,
+                         Py_TYPE(dict)->tp_name);
+            goto error;
+        }
+        if ((saved = PyDict_Copy(dict)) == NULL || (untrack(saved), PyList_Append(modules, module) < 0) ||
+            PyList_Append(modules, (PyObject *)Py_TYPE(module)) < 0 || PyList_Append(modules, saved) < 0) {
+            goto error;
+        }
+        /* iterate our own copy: a container subclass's copy() may run code that edits __dict__ */
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(saved, &pos, &key, &value)) {
+            if (!is_container(value) || container_size(value) == 0) {
+                continue;
+            }
+            if ((copy = container_copy(value)) == NULL || (untrack(copy), PyList_Append(filled, value) < 0) ||
+                PyList_Append(filled, copy) < 0) {
+                goto error;
+            }
+            Py_CLEAR(copy);
+        }
+        Py_CLEAR(saved);
+        PyObject *children = PyDict_GetItemWithError(dict, st->s_modules); /* borrowed */
+        if (children == NULL && PyErr_Occurred()) {
+            goto error;
+        }
+        if (children != NULL && PyDict_Check(children)) {
+            pos = 0;
+            while (PyDict_Next(children, &pos, &key, &value)) {
+                if (value != Py_None && PyList_Append(stack, value) < 0) {
+                    goto error;
+                }
+            }
+        }
+        Py_CLEAR(dict);
+        Py_CLEAR(module);
+    }
+    result = PyTuple_Pack(2, modules, filled);
+error:
+    if (gc_was_enabled) {
+        PyGC_Enable();
+    }
+    Py_XDECREF(modules);
+    Py_XDECREF(filled);
+    Py_XDECREF(seen);
+    Py_XDECREF(stack);
+    Py_XDECREF(module);
+    Py_XDECREF(dict);
+    Py_XDECREF(saved);
+    Py_XDECREF(copy);
+    return result;
+}
+
+static int
+rollback_snapshot(PyObject *snapshot)
+{
+    PyObject *modules = PyTuple_GET_ITEM(snapshot, 0), *filled = PyTuple_GET_ITEM(snapshot, 1);
+    PyObject *had_items = PySet_New(NULL), *id = NULL, *dict = NULL;
+    int result = -1;
+
+    if (had_items == NULL) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i + 1 < PyList_GET_SIZE(filled); i += 2) {
+        PyObject *container = PyList_GET_ITEM(filled, i);
+        if ((id = PyLong_FromVoidPtr(container)) == NULL || PySet_Add(had_items, id) < 0 ||
+            container_refill(container, PyList_GET_ITEM(filled, i + 1)) < 0) {
+            goto error;
+        }
+        Py_CLEAR(id);
+    }
+    for (Py_ssize_t i = 0; i + 2 < PyList_GET_SIZE(modules); i += 3) {
+        PyObject *module = PyList_GET_ITEM(modules, i), *cls = PyList_GET_ITEM(modules, i + 1),
+                 *saved = PyList_GET_ITEM(modules, i + 2);
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(saved, &pos, &key, &value)) {
+            if (!is_container(value) || container_size(value) == 0) {
+                continue;
+            }
+            if ((id = PyLong_FromVoidPtr(value)) == NULL) {
+                goto error;
+            }
+            int had = PySet_Contains(had_items, id);
+            Py_CLEAR(id);
+            if (had < 0 || (!had && container_clear(value) < 0)) { /* empty at the snapshot */
+                goto error;
+            }
+        }
+        if ((PyObject *)Py_TYPE(module) != cls && PyObject_SetAttrString(module, "__class__", cls) < 0) {
+            goto error;
+        }
+        if ((dict = PyObject_GenericGetDict(module, NULL)) == NULL) {
+            goto error;
+        }
+        if (PyDict_Check(dict)) {
+            PyDict_Clear(dict);
+            if (PyDict_Update(dict, saved) < 0) {
+                goto error;
+            }
+        }
+        Py_CLEAR(dict);
+    }
+    result = 0;
+error:
+    Py_XDECREF(had_items);
+    Py_XDECREF(id);
+    Py_XDECREF(dict);
+    return result;
+}
+
+/* Roll back, keeping the exception being raised (a failing rollback is reported as
+ * unraisable: the original error is what the caller must see). */
+static void
+rollback_modules(PyObject *snapshot)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (rollback_snapshot(snapshot) < 0) {
+        PyErr_WriteUnraisable(snapshot);
+    }
+    PyErr_Restore(type, value, tb);
+}
+
+/* Replay the modes of `state` on `model_arg` and, when `weights` is given, load them
+ * (checked first).  Transactional: on any failure every module of the model gets back
+ * its class, attributes, submodules, parameters, buffers, hooks and modelopt state. */
+static PyObject *
+restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state, PyObject *weights,
+                        PyObject *source)
+{
+    PyObject *model = NULL, *snapshot = NULL, *entries = NULL, *version = NULL, *modes = NULL,
+             *restore_fn = NULL, *restored = NULL, *item = NULL, *result = NULL;
     StateManager *sm = NULL;
 
     int truthy = PyObject_IsTrue(state);
@@ -460,32 +712,26 @@ restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state)
         return NULL;
     }
     if ((model = as_module(st, model_arg)) == NULL ||
+        (snapshot = snapshot_modules(st, model)) == NULL ||
         (entries = PyObject_GetItem(state, st->s_modelopt_state_dict)) == NULL ||
         (version = PyObject_GetItem(state, st->s_modelopt_version)) == NULL ||
-        (sm = sm_new(st, model, 1)) == NULL) {
+        (sm = sm_new(st, model, 1)) == NULL || sm_load_state_dict(st, sm, entries, version) < 0 ||
+        (modes = PyObject_CallMethod((PyObject *)sm, "modes_with_states", NULL)) == NULL) {
         goto error;
     }
-    if (sm_load_state_dict(st, sm, entries, version) < 0) {
-        drop_fresh_state(st, model);
-        goto error;
-    }
-    if ((modes = PyObject_CallMethod((PyObject *)sm, "modes_with_states", NULL)) == NULL) {
-        goto error;
-    }
-    PyObject *item;
     while ((item = PyIter_Next(modes)) != NULL) {
-        PyObject *descriptor = PyTuple_GET_ITEM(item, 0);
-        if ((model = prepare_model_for(st, model, descriptor)) == NULL) {
-            Py_DECREF(item);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
+            PyErr_Format(PyExc_TypeError, "modes_with_states gave a %.200s, not (descriptor, config, metadata)",
+                         Py_TYPE(item)->tp_name);
             goto error;
         }
-        if ((restore_fn = PyObject_GetAttr(descriptor, st->s_restore)) == NULL) {
-            Py_DECREF(item);
+        PyObject *descriptor = PyTuple_GET_ITEM(item, 0);
+        if ((model = prepare_model_for(st, model, descriptor)) == NULL ||
+            (restore_fn = PyObject_GetAttr(descriptor, st->s_restore)) == NULL) {
             goto error;
         }
         PyObject *call[3] = {model, PyTuple_GET_ITEM(item, 1), PyTuple_GET_ITEM(item, 2)};
         restored = PyObject_Vectorcall(restore_fn, call, 3, NULL);
-        Py_DECREF(item);
         Py_CLEAR(restore_fn);
         if (restored == NULL) {
             goto error;
@@ -500,6 +746,7 @@ restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state)
         }
         Py_SETREF(model, restored);
         restored = NULL;
+        Py_CLEAR(item);
     }
     if (PyErr_Occurred()) {
         goto error;
@@ -511,17 +758,23 @@ restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state)
         }
         Py_SETREF(model, built);
     }
-    if (ensure_not_model_like(st, model) < 0) {
+    if (ensure_not_model_like(st, model) < 0 ||
+        (weights != NULL && ckpt_load_weights(st, model, weights, source) < 0)) {
         goto error;
     }
     result = Py_NewRef(model);
 error:
+    if (result == NULL && snapshot != NULL) {
+        rollback_modules(snapshot);
+    }
     Py_XDECREF(model);
+    Py_XDECREF(snapshot);
     Py_XDECREF(entries);
     Py_XDECREF(version);
     Py_XDECREF(modes);
     Py_XDECREF(restore_fn);
     Py_XDECREF(restored);
+    Py_XDECREF(item);
     Py_XDECREF(sm);
     return result;
 }
@@ -531,7 +784,11 @@ PyDoc_STRVAR(restore_from_modelopt_state_doc,
 "Replay the recorded modes on a fresh model: initialise its state, load the given\n"
 "state (every config validates, mode order is checked), then call each mode's\n"
 "restore.  Give exactly one of modelopt_state / modelopt_state_path.  The weights\n"
-"are the model's own; load them afterwards (or use restore()).");
+"are the model's own; load them afterwards (or use restore()).\n\n"
+"Transactional: when a mode's restore raises, every module of the model gets back its\n"
+"class, attributes, submodules, parameters, buffers, hooks and modelopt state, and the\n"
+"exception is re-raised.  Not undone: tensor data a mode changes in place, and state\n"
+"outside the model's modules (globals, objects a mode mutates rather than replaces).");
 
 static PyObject *
 conversion_restore_from_modelopt_state(PyObject *module, PyObject *args, PyObject *kwargs)
@@ -554,7 +811,7 @@ conversion_restore_from_modelopt_state(PyObject *module, PyObject *args, PyObjec
         }
         state = loaded;
     }
-    result = restore_from_state_impl(st, model, state);
+    result = restore_from_state_impl(st, model, state, NULL, NULL);
     Py_XDECREF(loaded);
     return result;
 }
@@ -644,8 +901,17 @@ PyDoc_STRVAR(restore_doc,
 "from the file runs; pass weights_only=False yourself only for a trusted file), and\n"
 "paths are memory-mapped, so the peak memory is the model plus one tensor.  A model\n"
 "built on the meta device gets its tensors straight from the file.  map_location\n"
-"defaults to 'cpu'.  Missing or unexpected keys raise RuntimeError listing them.\n"
-"Restore into the unwrapped model (a wrapped one raises ValueError), then wrap it.");
+"defaults to 'cpu'.  Every key, shape, dtype and kind is checked before the first byte\n"
+"is copied: RuntimeError in torch's load_state_dict wording listing every offending key\n"
+"and the file; TypeError for tensor subclasses (DTensor: restore the unsharded model).\n"
+"Models with state-dict hooks or their own (load_)state_dict load through their own\n"
+"load_state_dict, from the same mapped tensors.\n"
+"Restore into the unwrapped model (a wrapped one raises ValueError), then wrap it.\n\n"
+"Transactional: when the weights do not fit or a mode's restore raises, every module of\n"
+"the model gets back its class, attributes, submodules, parameters, buffers, hooks and\n"
+"modelopt state, and the exception is re-raised.  Not undone: tensor data a mode's\n"
+"restore changes in place, state outside the model's modules, and copies already made\n"
+"when a copy itself fails midway (after every check passed: e.g. a device error).");
 
 static PyObject *
 conversion_restore(PyObject *module, PyObject *args, PyObject *kwargs)
@@ -664,10 +930,14 @@ conversion_restore(PyObject *module, PyObject *args, PyObject *kwargs)
     if ((loaded = runtime_call(st, "load_checkpoint", call, 2)) == NULL) {
         goto error;
     }
-    /* loaded is (modelopt_state, state_dict), validated by load_checkpoint */
-    if ((restored = restore_from_state_impl(st, unwrapped, PyTuple_GET_ITEM(loaded, 0))) == NULL ||
-        ckpt_load_weights(st, restored, PyTuple_GET_ITEM(loaded, 1), f) < 0 ||
-        ensure_not_model_like(st, restored) < 0) {
+    if (!PyTuple_Check(loaded) || PyTuple_GET_SIZE(loaded) != 2) {
+        PyErr_Format(PyExc_TypeError, "_runtime.load_checkpoint returned a %.200s, not (modelopt_state, weights)",
+                     Py_TYPE(loaded)->tp_name);
+        goto error;
+    }
+    /* the modes are replayed and the weights loaded as one transaction */
+    if ((restored = restore_from_state_impl(st, unwrapped, PyTuple_GET_ITEM(loaded, 0), PyTuple_GET_ITEM(loaded, 1),
+                                            f)) == NULL) {
         goto error;
     }
     result = Py_NewRef(restored);

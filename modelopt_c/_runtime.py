@@ -421,26 +421,217 @@ def load_modelopt_state_file(path: Any, kwargs: dict[str, Any]) -> dict:
     return state
 
 
+# What makes a module's state dict differ from its live tensors (save side), or its
+# loading differ from copying into them (load side).  Checked on the class, so a
+# module counts however deep in the hierarchy the override sits.
+_SAVE_METHODS = ("state_dict", "_save_to_state_dict")
+_LOAD_METHODS = ("load_state_dict", "_load_from_state_dict", "get_extra_state", "set_extra_state")
+_SAVE_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks")
+_LOAD_HOOKS = ("_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _class_overrides(cls: type, cache: dict[type, tuple[bool, bool]]) -> tuple[bool, bool]:
+    """(save side overridden, load side overridden) for a module class.
+
+    ``cache`` lives for one walk only: a class patched later (or a dynamic class that
+    goes away) is never judged from a stale entry.
+    """
+    known = cache.get(cls)
+    if known is None:
+        save = any(getattr(cls, m) is not getattr(nn.Module, m) for m in _SAVE_METHODS)
+        load = any(getattr(cls, m) is not getattr(nn.Module, m) for m in _LOAD_METHODS)
+        known = cache[cls] = (save, load)
+    return known
+
+
+def _own_loading(module: nn.Module, cache: dict | None = None) -> tuple[bool, bool]:
+    """(state dict may not be the live tensors, loading is not torch's plain copy)."""
+    save, load = _class_overrides(type(module), {} if cache is None else cache)
+    d = module.__dict__
+    # hooks, or the methods themselves set on the instance
+    save = save or any(d.get(h) for h in _SAVE_HOOKS) or any(m in d for m in _SAVE_METHODS)
+    load = load or any(d.get(h) for h in _LOAD_HOOKS) or any(m in d for m in _LOAD_METHODS)
+    return save, load
+
+
 def _has_own_loading(module: nn.Module) -> bool:
-    cls = type(module)
-    return (
-        cls._load_from_state_dict is not nn.Module._load_from_state_dict
-        or cls._save_to_state_dict is not nn.Module._save_to_state_dict
-        or cls.get_extra_state is not nn.Module.get_extra_state
-        or bool(module._load_state_dict_pre_hooks)
-        or bool(module._load_state_dict_post_hooks)
-    )
+    """Whether ``module`` (itself, not its children) saves or loads other than torch's plain way.
+
+    State-dict hooks or an overridden ``state_dict`` can return clones (nvidia-modelopt's
+    tied NVFP4 quantizers do): copying into those would land in throw-away tensors.
+    """
+    save, load = _own_loading(module)
+    return save or load
+
+
+def _live_targets(model: nn.Module) -> tuple[dict[str, Any], bool, bool]:
+    """(the live tensors torch's load_state_dict copies into, by key; whether every module
+    is plain; whether the loading side is torch's own everywhere, so the keys are known).
+
+    Mirrors ``nn.Module._load_from_state_dict``: non-None parameters, then persistent
+    non-None buffers, module by module in ``_modules`` order (shared modules repeat, as
+    in ``state_dict``).  Nothing is cloned.
+    """
+    targets: dict[str, Any] = {}
+    plain = checkable = True
+    stack = [("", model)]
+    cache: dict[type, tuple[bool, bool]] = {}
+    while stack:
+        prefix, module = stack.pop()
+        save, load = _own_loading(module, cache)
+        if save:
+            plain = False
+        if load:
+            plain = checkable = False
+        for name, p in module._parameters.items():
+            if p is not None:
+                targets[prefix + name] = p
+        skip = module._non_persistent_buffers_set
+        for name, b in module._buffers.items():
+            if b is not None and name not in skip:
+                targets[prefix + name] = b
+        children = [(prefix + name + ".", child) for name, child in module._modules.items() if child is not None]
+        stack.extend(reversed(children))
+    return targets, plain, checkable
 
 
 def plain_load_targets(model: nn.Module) -> dict | None:
-    """The model's live tensors by state-dict key, or None when some module loads itself."""
-    if any(_has_own_loading(m) for m in model.modules()):
-        return None
-    return model.state_dict(keep_vars=True)
+    """The model's live tensors by state-dict key, or None when some module saves or loads itself."""
+    targets, plain, _ = _live_targets(model)
+    return targets if plain else None
+
+
+_QUANTIZED = frozenset(
+    d for d in (getattr(torch, n, None) for n in ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")) if d is not None
+)
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+# how each tensor is loaded (the C loop reads these)
+COPY_BRIDGE, COPY_TORCH, ASSIGN = 0, 1, 2
+
+
+def _quote(key: Any) -> str:
+    return f'"{key}"' if isinstance(key, str) else repr(key)
+
+
+def _kind_problem(key: str, dst: Any, src: Any) -> tuple[str | None, int]:
+    """(what makes ``src`` unloadable into ``dst``, or None; how to load it)."""
+    if not isinstance(src, torch.Tensor):
+        return f"{key} in the checkpoint is a {type(src).__name__}, not a tensor.", 0
+    if src.shape != dst.shape:
+        return (
+            f"size mismatch for {key}: copying a param with shape {src.shape} from checkpoint, "
+            f"the shape in current model is {dst.shape}.",
+            0,
+        )
+    s_layout, d_layout = src.layout, dst.layout
+    if s_layout is not d_layout:
+        return f"layout mismatch for {key}: the checkpoint's tensor is {s_layout}, the model's is {d_layout}.", 0
+    s_dtype, d_dtype = src.dtype, dst.dtype
+    if s_dtype is not d_dtype:
+        if s_dtype in _QUANTIZED or d_dtype in _QUANTIZED:
+            return (
+                f"dtype mismatch for {key}: the checkpoint's tensor is {s_dtype}, the model's is {d_dtype} "
+                "(quantized tensors load only into quantized tensors of the same dtype).",
+                0,
+            )
+        if s_dtype.is_complex and not d_dtype.is_complex:
+            return (
+                f"dtype mismatch for {key}: the checkpoint's tensor is {s_dtype}, the model's is {d_dtype} "
+                "(casting complex to real would discard the imaginary part).",
+                0,
+            )
+    d_meta = dst.is_meta
+    if src.is_meta and not d_meta:
+        return f"{key} is on the meta device in the checkpoint (it holds no data).", 0
+    if d_meta:
+        return None, ASSIGN
+    if (
+        s_layout is not torch.strided
+        or s_dtype in _QUANTIZED
+        or src.is_neg()
+        or src.is_conj()
+        or dst.is_neg()
+        or dst.is_conj()
+    ):
+        # DLPack cannot carry these (or drops the negative/conjugate bit): torch's copy_
+        return None, COPY_TORCH
+    return None, COPY_BRIDGE
+
+
+def _subclass_error(bad: list[tuple[str, str, type]], source: Any) -> TypeError:
+    what = "; ".join(f"{_quote(k)} is a {t.__module__}.{t.__qualname__} in the {side}" for k, side, t in bad)
+    return TypeError(
+        f"checkpoint {describe_file(source)}: restore loads plain tensors only, and {what}. Tensor "
+        "subclasses (DTensor, FSDP2 shards, ...) are not supported yet: restore into the unsharded "
+        "model and shard it afterwards, or save the full tensors (DTensor.full_tensor()). Nothing was loaded."
+    )
+
+
+def check_weights(model: nn.Module, targets: dict, state_dict: Any, source: Any) -> list[tuple[str, Any, Any, int]]:
+    """Every key, shape, dtype and kind checked before anything is copied.
+
+    Returns the copies to make as (key, model tensor, file tensor, how); raises
+    RuntimeError in torch's ``load_state_dict`` wording naming every offending key (and
+    the file), or TypeError for tensor subclasses, which must never reach DLPack.
+    """
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"{describe_file(source)}: model_state_dict is a {type(state_dict).__name__}, not a dict")
+    unexpected = [k for k in state_dict if not isinstance(k, str) or k not in targets]
+    missing = [k for k in targets if k not in state_dict]
+    parts = []  # torch's order: missing, unexpected, then per-key problems
+    if missing:
+        parts.append(f"Missing key(s) in state_dict: {', '.join(map(_quote, missing))}. ")
+    if unexpected:
+        parts.append(f"Unexpected key(s) in state_dict: {', '.join(map(_quote, unexpected))}. ")
+    plan = []
+    subclasses = []
+    for key, dst in targets.items():
+        if key not in state_dict:
+            continue
+        src = state_dict[key]
+        if type(dst) not in _PLAIN_TENSORS:
+            subclasses.append((key, "model", type(dst)))
+        if isinstance(src, torch.Tensor) and type(src) not in _PLAIN_TENSORS:
+            subclasses.append((key, "checkpoint", type(src)))
+        if subclasses:
+            continue
+        problem, how = _kind_problem(key, dst, src)
+        if problem is not None:
+            parts.append(problem)
+        else:
+            plan.append((key, dst, src, how))
+    if subclasses:
+        raise _subclass_error(subclasses, source)
+    if parts:
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {type(model).__name__}:\n\t"
+            + "\n\t".join(parts)
+            + f"\n(checkpoint {describe_file(source)}: it was saved from a different architecture or with "
+            "different modes; nothing was copied into the weights)"
+        )
+    return plan
+
+
+def plan_load(model: nn.Module, state_dict: Any, source: Any) -> list | None:
+    """Check the file's weights against ``model``, then say how to load them.
+
+    A model whose every module is plain gets the list of copies for the native loop.
+    Otherwise the modules' own ``load_state_dict`` runs here (after the same checks,
+    when no module customises the loading side) and None is returned.
+    """
+    targets, plain, checkable = _live_targets(model)
+    if checkable:
+        plan = check_weights(model, targets, state_dict, source)
+        if plain:
+            return plan
+    load_state_dict_torch(model, state_dict, source)
+    return None
 
 
 def load_state_dict_torch(model: nn.Module, state_dict: dict, source: Any) -> None:
     """torch's own loader, for modules with custom loading (in place; assign for meta)."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"{describe_file(source)}: model_state_dict is a {type(state_dict).__name__}, not a dict")
     on_meta = any(t.is_meta for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor))
     try:
         model.load_state_dict(state_dict, strict=True, assign=on_meta)
