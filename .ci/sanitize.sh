@@ -56,7 +56,7 @@ LD_PRELOAD="$asan_lib" python -m pytest -q -p no:cacheprovider --capture=sys \
     tests/test_codec.py tests/test_state_manager.py tests/test_conversion.py \
     tests/test_config_and_modes.py tests/test_checkpoint_torch.py \
     tests/test_st_format.py tests/test_checkpoint_safetensors.py \
-    tests/test_cli.py tests/test_files_and_errors.py "$@" || {
+    tests/test_cli.py tests/test_files_and_errors.py tests/test_restore_atomic.py "$@" || {
     status=$?
     echo "sanitize.sh: FAILED (exit $status; a sanitizer report, if any, is above)" >&2
     exit "$status"
