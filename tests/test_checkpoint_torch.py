@@ -272,3 +272,14 @@ def test_device_errors_are_not_reported_as_corruption(converted, tmp_path):
     with pytest.raises(RuntimeError, match="CUDA") as info:
         mto.restore(TinyNet(), tmp_path / "c.pt", map_location="cuda")
     assert not isinstance(info.value, mto.CheckpointError)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_verify_is_ours_and_never_reaches_torch_load(converted, tmp_path, verify):
+    # `verify` belongs to restore (the safetensors format's checksums); a torch-format
+    # file has none, and torch.load must not see the keyword
+    path = tmp_path / "ckpt.pt"
+    mto.save(converted, path)
+    restored = mto.restore(TinyNet(), path, verify=verify)
+    for key, value in converted.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
