@@ -4,6 +4,7 @@
 #define MODELOPT_C_MODULE_STATE_H
 
 #include "compat.h"
+#include "errors.h"
 #include "state_codec.h"
 #include "checkpoint.h"
 #include "st_format.h"

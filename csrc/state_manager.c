@@ -6,33 +6,6 @@
 #include <stdarg.h>
 #include <structmember.h>
 
-void
-sm_add_note(const char *format, ...)
-{
-    PyObject *type = NULL, *value = NULL, *tb = NULL;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    va_list va;
-    va_start(va, format);
-    PyObject *note = PyUnicode_FromFormatV(format, va);
-    va_end(va);
-    if (note != NULL && value != NULL) {
-        PyObject *res = PyObject_CallMethod(value, "add_note", "O", note);
-        if (res == NULL) {
-            PyErr_Clear();
-        }
-        Py_XDECREF(res);
-    }
-    else {
-        PyErr_Clear();
-    }
-    Py_XDECREF(note);
-    if (tb != NULL && value != NULL) {
-        PyException_SetTraceback(value, tb);
-    }
-    PyErr_Restore(type, value, tb);
-}
-
 /* ---- finding the state in a module tree --------------------------------------- */
 
 /* Whether `module` has the state attribute: in its instance dict or on its class
@@ -327,7 +300,7 @@ sm_config_object(ModuleState *st, PyObject *mode, PyObject *config)
     }
     result = PyObject_Call(cls, empty, kwargs);
     if (result == NULL) {
-        sm_add_note("while validating the config of mode '%S' (%S)", descriptor, cls);
+        err_add_note("while validating the config of mode '%S' (%S)", descriptor, cls);
     }
 error:
     Py_XDECREF(descriptor);
@@ -664,11 +637,11 @@ sm_load_state_dict(ModuleState *st, StateManager *sm, PyObject *state_dict, PyOb
             goto error;
         }
         if ((config = sm_config_object(st, name, cfg)) == NULL) {
-            sm_add_note("in modelopt state entry %zd", i);
+            err_add_note("in modelopt state entry %zd", i);
             goto error;
         }
         if (sm_add_mode(st, sm, name, config, metadata) < 0) {
-            sm_add_note("in modelopt state entry %zd", i);
+            err_add_note("in modelopt state entry %zd", i);
             goto error;
         }
         Py_CLEAR(config);

@@ -35,8 +35,6 @@ int sm_update_last(ModuleState *st, StateManager *sm, PyObject *model, PyObject 
 /* Move the state list object from one model to another (SPEC §5 transfer_state_dict). */
 int sm_transfer(ModuleState *st, PyObject *model_from, PyObject *model_to);
 
-/* Prefix the pending exception's message with context (keeps its type). */
-void sm_add_note(const char *format, ...);
 
 PyObject *conversion_modelopt_state_impl(ModuleState *st, PyObject *model);
 
