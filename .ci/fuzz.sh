@@ -63,7 +63,7 @@ for target in $TARGETS; do
         -max_total_time="$SECONDS_TO_RUN" -timeout=10 -rss_limit_mb=4096 -max_len="$max_len" \
         -artifact_prefix="$work/artifacts_$target/" -print_final_stats=1 \
         >"$work/$target.log" 2>&1 || { status=$?; echo "fuzz.sh: $target FAILED (exit $status)" >&2; }
-    grep -E "^(stat::|#[0-9]+ +DONE)" "$work/$target.log" || true
+    grep -E "^(stat::|#[0-9]+[[:space:]]+DONE)" "$work/$target.log" || true
     if [ "$status" -ne 0 ] || compgen -G "$work/artifacts_$target/*" >/dev/null; then
         tail -60 "$work/$target.log" >&2
         mkdir -p fuzz/crashes
