@@ -208,3 +208,44 @@ def test_every_issue_class_has_cases() -> None:
             "cli_verify", "save_restore_pt", "save_restore_st"} <= apis, apis
     prefixes = {n.split("_")[0] for n in H.CASES}
     assert {"st", "codec", "pt", "fifo"} <= prefixes, prefixes
+
+
+def _fake_runner(monkeypatch, behaviour) -> Runner:
+    """A Runner whose children are simulated: behaviour(names) -> (reported names, died)."""
+    r = Runner.__new__(Runner)
+    r.records, r.runs = {}, 0
+
+    def child(names, timeout):
+        reported, died = behaviour(list(names))
+        return {n: {"case": n, "ok": True, "got": "fine"} for n in reported}, died
+
+    monkeypatch.setattr(r, "_child", child)
+    return r
+
+
+def test_runner_names_the_culprit_of_a_dead_group(monkeypatch) -> None:
+    a, b, c, d = [n for n, case in H.CASES.items() if case.api == "st_load"][:4]
+
+    def behaviour(names):  # b kills any child that runs it
+        if b in names:
+            return names[: names.index(b)], "killed by signal SIGSEGV"
+        return names, ""
+
+    r = _fake_runner(monkeypatch, behaviour)
+    r._run_group([a, b, c, d])
+    assert {n: r.records[n]["ok"] for n in (a, b, c, d)} == {a: True, b: False, c: True, d: True}
+    assert "SIGSEGV" in r.records[b]["got"]
+
+
+def test_runner_never_passes_a_group_that_died(monkeypatch) -> None:
+    a, b, c = [n for n, case in H.CASES.items() if case.api == "st_load"][:3]
+
+    def behaviour(names):  # a damages the heap, which kills the child at b; alone, both pass
+        if names[:2] == [a, b]:
+            return [a], "killed by signal SIGABRT"
+        return names, ""
+
+    r = _fake_runner(monkeypatch, behaviour)
+    r._run_group([a, b, c])
+    assert r.records[a]["ok"] and r.records[c]["ok"]
+    assert not r.records[b]["ok"] and "each passes alone" in r.records[b]["got"], r.records[b]
