@@ -62,15 +62,17 @@ for target in $TARGETS; do
     "$work/build/run_$target" "$work/corpus_$target" "${seed_dirs[@]}" \
         -max_total_time="$SECONDS_TO_RUN" -timeout=10 -rss_limit_mb=4096 -max_len="$max_len" \
         -artifact_prefix="$work/artifacts_$target/" -print_final_stats=1 \
-        >"$work/$target.log" 2>&1 || { status=$?; echo "fuzz.sh: $target FAILED (exit $status)" >&2; }
+        >"$work/$target.log" 2>&1 || rc=$?
     grep -E "^(stat::|#[0-9]+[[:space:]]+DONE)" "$work/$target.log" || true
-    if [ "$status" -ne 0 ] || compgen -G "$work/artifacts_$target/*" >/dev/null; then
+    if [ "${rc:-0}" -ne 0 ] || compgen -G "$work/artifacts_$target/*" >/dev/null; then
         tail -60 "$work/$target.log" >&2
         mkdir -p fuzz/crashes
         cp "$work/artifacts_$target"/* fuzz/crashes/ 2>/dev/null || true
-        echo "fuzz.sh: $target: finding; reproducers copied to fuzz/crashes/ (replay: $work/build/run_$target FILE)" >&2
-        [ "$status" -ne 0 ] || status=1
+        echo "fuzz.sh: $target FAILED (exit ${rc:-0}): a finding; reproducers copied to fuzz/crashes/" \
+            "(replay: fuzz/build_fuzz.sh DIR && DIR/run_$target fuzz/crashes/FILE)" >&2
+        status=1
     fi
+    unset rc
 done
 [ "$status" -eq 0 ] || exit "$status"
 echo "fuzz.sh: no finding in ${SECONDS_TO_RUN}s per harness ($TARGETS)"
