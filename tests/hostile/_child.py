@@ -15,7 +15,6 @@ import contextlib
 import gc
 import io
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
