@@ -249,3 +249,13 @@ def test_runner_never_passes_a_group_that_died(monkeypatch) -> None:
     r._run_group([a, b, c])
     assert r.records[a]["ok"] and r.records[c]["ok"]
     assert not r.records[b]["ok"] and "each passes alone" in r.records[b]["got"], r.records[b]
+
+
+def test_generator_is_deterministic(tmp_path) -> None:
+    names = [n for n, c in H.CASES.items() if c.build is not None and not c.alone]
+    H.generate(tmp_path / "a", names)
+    H.generate(tmp_path / "b", names)
+    for n in names:
+        a = H.input_path(tmp_path / "a", H.CASES[n]).read_bytes()
+        assert a == H.input_path(tmp_path / "b", H.CASES[n]).read_bytes(), n
+    assert len(H.input_path(tmp_path / "a", H.CASES["codec_nested_array_bomb"]).read_bytes()) == 1_400_000
