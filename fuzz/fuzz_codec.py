@@ -8,7 +8,8 @@ encode -> decode unchanged (inline tensors and tensor references both).
     python fuzz/fuzz_codec.py --random SECONDS CORPUS_DIR   # no atheris: built-in mutator
 
 With atheris, libFuzzer drives the mutations (the extension is built by gcc without
-libFuzzer's coverage hooks, so only the Python side feeds coverage back).  Without
+libFuzzer's coverage hooks, so only the Python side feeds coverage back; for C
+coverage feedback use fuzz/fuzz_native.c, which calls check_one, see docs/FUZZING.md).  Without
 it, --random runs a bounded mutation loop over the corpus (bit flips, byte edits,
 splices, boundary lengths) seeded from the same files.
 """
