@@ -4,6 +4,7 @@ clear encode errors with key paths, and a decoder that survives hostile bytes.""
 from __future__ import annotations
 
 import glob
+import importlib.util
 import math
 import mmap
 import os
@@ -577,8 +578,11 @@ def test_torch_errors_become_decode_errors_with_cause():
 # --------------------------------------------------------------------------- corpus
 
 
-sys.path.insert(0, os.path.join(ROOT, "fuzz"))
-import make_corpus  # noqa: E402  (fuzz/make_corpus.py: the corpus and its expected outcomes)
+# fuzz/make_corpus.py: the corpus and its expected outcomes (by path, under its own name:
+# tests/st_corpus/make_corpus.py has the same file name)
+_spec = importlib.util.spec_from_file_location("codec_make_corpus", os.path.join(ROOT, "fuzz", "make_corpus.py"))
+make_corpus = sys.modules["codec_make_corpus"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_corpus)
 
 CORPUS_TABLE = make_corpus.corpus()
 
