@@ -503,7 +503,7 @@ def _cases() -> list[Case]:
         for cmd in ("inspect", "verify"):
             add(Case(f"{name}_cli_{cmd}", f"cli_{cmd}", write(_ST_SHAPES[name]), (Exits(1, "{name}"),),
                      "the CLI prints one line, exit 1, no traceback"))
-    add(Case("st_huge_header_200k", "st_load", lazy(_huge_header(200_000)), (Loads("huge_header_200k", "200k empty tensors"),),
+    add(Case("st_huge_header_200k", "st_load_unverified", lazy(_huge_header(200_000)), (Loads("huge_header_200k", "200k empty tensors"),),
              "a ~10 MB header of empty tensors loads within the memory limit (work bounded by the input)"))
 
     # -------- state codec (loads_state on the bytes; roundtrip_state through dumps_state)
@@ -539,7 +539,8 @@ def _cases() -> list[Case]:
 
     # -------- torch format
     for label, key in (("bytes", b"scale"), ("int", 1), ("float", 1.5), ("none", None)):
-        add(Case(f"pt_key_{label}", "restore", pt_edit(_key_swap(key)), (Raises(CKPT + ("TypeError",), P),),
+        # torch's load_state_dict wording (RuntimeError) lists it as an unexpected key, with the file
+        add(Case(f"pt_key_{label}", "restore", pt_edit(_key_swap(key)), (Raises(CKPT + ("TypeError", "RuntimeError"), P),),
                  f"a model_state_dict key that is {label}, legal under weights_only"))
         add(Case(f"pt_key_{label}_cli_inspect", "cli_inspect", pt_edit(_key_swap(key)), (Exits(0, ""), Exits(1, "")),
                  "inspect on a non-str key: a summary or one line, never a crash"))
@@ -583,7 +584,9 @@ def _cases() -> list[Case]:
         add(Case(f"{prefix}_neg_bit_buffer", f"save_restore_{prefix}", None, (Loads("neg_model", "[-2, 4]"),),
                  "save a model whose buffer has the neg bit, restore into a fresh one: the resolved values",
                  model="NegModel"))
-        add(Case(f"{prefix}_conj_bit_buffer", f"save_restore_{prefix}", None, (Loads("conj_model", "[1-2j, 3+4j]"),),
+        # safetensors has no complex dtypes: there the save refuses the tensor, naming it
+        conj_expect = (Loads("conj_model", "[1-2j, 3+4j]"),) if fmt == "torch" else (Raises(CKPT, "cannot store"),)
+        add(Case(f"{prefix}_conj_bit_buffer", f"save_restore_{prefix}", None, conj_expect,
                  "save a model whose buffer has the conj bit, restore into a fresh one: the resolved values",
                  model="ConjModel"))
 
