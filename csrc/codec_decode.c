@@ -409,15 +409,26 @@ done:
 
 /* ---- the pieces an ext payload layout requires ---- */
 
+/* The type byte of a value that a payload layout requires. */
+static int
+dec_type_byte(Decoder *d, const char *what, unsigned char *b)
+{
+    if (dec_need(d, d->p, 1, what) < 0) {
+        return -1;
+    }
+    *b = *d->p++;
+    return 0;
+}
+
 /* Read the header of an array that a payload layout requires. */
 static int
 dec_expect_array(Decoder *d, const char *what, uint32_t *n)
 {
     const unsigned char *at = d->p;
-    if (dec_need(d, at, 1, what) < 0) {
+    unsigned char b = 0;
+    if (dec_type_byte(d, what, &b) < 0) {
         return -1;
     }
-    unsigned char b = *d->p++;
     if ((b & 0xf0) == 0x90) {
         *n = b & 0x0f;
     }
@@ -441,10 +452,10 @@ static int
 dec_expect_uint(Decoder *d, const char *what, uint64_t *out)
 {
     const unsigned char *at = d->p;
-    if (dec_need(d, at, 1, what) < 0) {
+    unsigned char b = 0;
+    if (dec_type_byte(d, what, &b) < 0) {
         return -1;
     }
-    unsigned char b = *d->p++;
     if (b <= 0x7f) {
         *out = b;
         return 0;
@@ -473,10 +484,10 @@ static int
 dec_expect_raw(Decoder *d, int want_str, const char *what, const unsigned char **ptr, uint32_t *len)
 {
     const unsigned char *at = d->p;
-    if (dec_need(d, at, 1, what) < 0) {
+    unsigned char b = 0;
+    if (dec_type_byte(d, what, &b) < 0) {
         return -1;
     }
-    unsigned char b = *d->p++;
     int n = 0;
     if (want_str && (b & 0xe0) == 0xa0) {
         *len = b & 0x1f;

@@ -276,15 +276,22 @@ encode_bytes(Encoder *enc, const char *data, Py_ssize_t n)
     return 0;
 }
 
+/* The header of a msgpack array of `n` items (a `what`: "list", "tuple"). */
+static int
+encode_array_header(Encoder *enc, Py_ssize_t n, const char *what)
+{
+    if (check_len32(enc, (size_t)n, what) < 0) {
+        return -1;
+    }
+    return msgpack_pack_array(&enc->pk, (size_t)n) < 0 ? enc_nomem() : 0;
+}
+
 static int
 encode_list(Encoder *enc, PyObject *obj, int depth)
 {
     Py_ssize_t n = PyList_GET_SIZE(obj);
-    if (check_len32(enc, (size_t)n, "list") < 0) {
+    if (encode_array_header(enc, n, "list") < 0) {
         return -1;
-    }
-    if (msgpack_pack_array(&enc->pk, (size_t)n) < 0) {
-        return enc_nomem();
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (PyList_GET_SIZE(obj) != n) {
@@ -309,11 +316,8 @@ static int
 encode_items(Encoder *enc, PyObject *tuple, int depth)
 {
     Py_ssize_t n = PyTuple_GET_SIZE(tuple);
-    if (check_len32(enc, (size_t)n, "tuple") < 0) {
+    if (encode_array_header(enc, n, "tuple") < 0) {
         return -1;
-    }
-    if (msgpack_pack_array(&enc->pk, (size_t)n) < 0) {
-        return enc_nomem();
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (encode_obj(enc, PyTuple_GET_ITEM(tuple, i), depth + 1) < 0) {
