@@ -5,7 +5,7 @@
 
 #include "compat.h"
 #include "errors.h"
-#include "state_codec.h"
+#include "codec_module.h"
 #include "checkpoint.h"
 #include "st_format.h"
 

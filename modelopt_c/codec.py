@@ -1,8 +1,9 @@
 """Public helpers over the native state codec: a modelopt state <-> msgpack bytes.
 
 The format (msgpack with extension types for tuple, tensor, torch.Size, torch.dtype,
-torch.device and slice) is specified in ``docs/FORMAT.md``; decoding never runs
-code from the bytes and raises :class:`StateDecodeError` on anything malformed.
+torch.device and slice) is specified in the table at the top of
+``csrc/codec_wire.h``; decoding never runs code from the bytes and raises
+:class:`StateDecodeError` on anything malformed.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
-/* Public face of state_codec.c: the modelopt state <-> msgpack bytes codec.
- * The module only needs the four hooks below; the format itself is documented in
- * the table at the top of state_codec.c. */
-#ifndef MODELOPT_C_STATE_CODEC_H
-#define MODELOPT_C_STATE_CODEC_H
+/* The codec's part of the module state (ModuleState.codec): its exception, the
+ * torch objects and dtype tables both directions use, and interned method names.
+ * Reached through module_state(module)->codec; set up in codec_state.c. */
+#ifndef MODELOPT_C_CODEC_STATE_H
+#define MODELOPT_C_CODEC_STATE_H
 
 #include "compat.h"
 
+/* The torch objects below are the codec's own: ModuleState holds none of them
+ * (CheckpointState keeps its own torch.Tensor). */
 typedef struct {
     PyObject *DecodeError;    /* modelopt_c.StateDecodeError, a ValueError */
 
@@ -44,10 +46,9 @@ typedef struct {
     PyObject *kw_dtype;       /* ("dtype",): kwnames for torch.empty(shape, dtype=...) */
 } CodecState;
 
+/* Fill `cs` at module exec (imports torch once) and add StateDecodeError to `module`. */
 int codec_state_init(PyObject *module, CodecState *cs);
 int codec_state_traverse(CodecState *cs, visitproc visit, void *arg);
 void codec_state_clear(CodecState *cs);
-
-extern PyMethodDef codec_methods[];
 
 #endif
