@@ -48,7 +48,7 @@ typedef struct {
     PyObject *s_state_dict;
     PyObject *s_load_state_dict;
 
-    CodecState codec;         /* owned by state_codec.c */
+    CodecState codec;         /* owned by codec_state.c */
     CheckpointState ckpt;     /* owned by checkpoint.c */
 } ModuleState;
 

@@ -1,4 +1,4 @@
-"""The modelopt state codec (csrc/state_codec.c): round trips with types preserved,
+"""The modelopt state codec (csrc/codec_*.c): round trips with types preserved,
 clear encode errors with key paths, and a decoder that survives hostile bytes."""
 
 from __future__ import annotations

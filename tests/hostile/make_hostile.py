@@ -198,7 +198,7 @@ def lazy(make: Callable[[], bytes]) -> Callable[[Path], None]:
     return build
 
 
-# msgpack pieces (the state codec's wire format, state_codec.c)
+# msgpack pieces (the state codec's wire format, csrc/codec_wire.h)
 def mp_str(s: str) -> bytes:
     b = s.encode()
     return (bytes([0xA0 | len(b)]) if len(b) < 32 else b"\xd9" + bytes([len(b)])) + b
