@@ -4,30 +4,25 @@
 #include "safetensors.h"
 #include "xxh64.h"
 
-static PyObject *
-sft_import_attr(const char *module_name, const char *attr)
-{
-    PyObject *mod = PyImport_ImportModule(module_name);
-    if (mod == NULL) {
-        return NULL;
-    }
-    PyObject *value = PyObject_GetAttrString(mod, attr);
-    Py_DECREF(mod);
-    return value;
-}
-
 int
 sft_state_init(SftState *ss)
 {
-    if ((ss->Tensor = sft_import_attr("torch", "Tensor")) == NULL ||
-        (ss->Parameter = sft_import_attr("torch.nn", "Parameter")) == NULL ||
-        (ss->strided = sft_import_attr("torch", "strided")) == NULL ||
-        (ss->from_dlpack = sft_import_attr("torch", "from_dlpack")) == NULL ||
+    PyObject *torch = PyImport_ImportModule("torch"), *nn = NULL;
+    int rc = -1;
+    if (torch == NULL || (ss->Tensor = PyObject_GetAttrString(torch, "Tensor")) == NULL ||
+        (ss->strided = PyObject_GetAttrString(torch, "strided")) == NULL ||
+        (ss->from_dlpack = PyObject_GetAttrString(torch, "from_dlpack")) == NULL ||
+        (nn = PyObject_GetAttrString(torch, "nn")) == NULL ||
+        (ss->Parameter = PyObject_GetAttrString(nn, "Parameter")) == NULL ||
         (ss->s_checksums = PyUnicode_InternFromString("checksums")) == NULL ||
         (ss->s_checksum_algorithm = PyUnicode_InternFromString("checksum_algorithm")) == NULL) {
-        return -1;
+        goto done;
     }
-    return 0;
+    rc = 0;
+done:
+    Py_XDECREF(torch);
+    Py_XDECREF(nn);
+    return rc;
 }
 
 int

@@ -3,6 +3,7 @@
  * prefix and keep their own type (safetensors_error.h says which). */
 #include "safetensors_error.h"
 
+#include <errno.h>
 #include <stdarg.h>
 
 /* modelopt_c.CheckpointError, looked up when an error is raised (errors are rare,
@@ -113,6 +114,14 @@ done:
     Py_XDECREF(ck);
     Py_XDECREF(msg);
     Py_XDECREF(new_exc);
+    return -1;
+}
+
+int
+sft_os_error(PyObject *display, int saved_errno)
+{
+    errno = saved_errno;
+    PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
     return -1;
 }
 

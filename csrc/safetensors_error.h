@@ -15,6 +15,10 @@ int sft_fail(ModuleState *st, PyObject *display, const char *fmt, ...);
  * other type is kept.  Returns -1. */
 int sft_rewrap(ModuleState *st, PyObject *display, const char *what_fmt, ...);
 
+/* OSError(saved_errno, strerror, display): for a system call that ran without the
+ * GIL (errno saved before the GIL came back).  Returns -1. */
+int sft_os_error(PyObject *display, int saved_errno);
+
 /* Path argument -> *fsbytes (filesystem encoding) and *display (str, for
  * messages): two new references, or -1 with both NULL. */
 int sft_path_args(PyObject *path, PyObject **fsbytes, PyObject **display);

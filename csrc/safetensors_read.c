@@ -82,8 +82,7 @@ sft_header_parse_fd(SftHeader *h, int fd, uint64_t n, uint64_t size, PyObject *m
     saved_errno = errno;
     Py_END_ALLOW_THREADS
     if (r < 0) {
-        errno = saved_errno;
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, h->display);
+        sft_os_error(h->display, saved_errno);
         goto done;
     }
     rc = sft_parse_header(h, json, (size_t)n, size - 8 - n, metadata);
@@ -427,37 +426,63 @@ sft_make_tensors(SftHeader *h, SftMap *map, char *data, PyObject *tensors)
     return 0;
 }
 
+/* What st_read and st_read_header hold: the path, the parsed header, the two dicts. */
+typedef struct {
+    SftHeader h;
+    PyObject *fsbytes, *display, *metadata, *tensors;
+    uint64_t hdr_len, size;
+} SftReadCall;
+
+/* The path, then the file's header read and validated into c (and the open file
+ * into *fd_out when it is not NULL).  sft_read_end releases c on every path. */
+static int
+sft_read_begin(SftReadCall *c, PyObject *module, PyObject *path, int *fd_out)
+{
+    c->h.st = module_state(module);
+    if (sft_path_args(path, &c->fsbytes, &c->display) < 0) {
+        return -1;
+    }
+    c->h.display = c->display;
+    if ((c->metadata = PyDict_New()) == NULL || (c->tensors = PyDict_New()) == NULL) {
+        return -1;
+    }
+    return sft_load_header(&c->h, c->fsbytes, c->metadata, fd_out, &c->hdr_len, &c->size);
+}
+
+static void
+sft_read_end(SftReadCall *c)
+{
+    sft_header_clear(&c->h);
+    Py_XDECREF(c->fsbytes);
+    Py_XDECREF(c->display);
+    Py_XDECREF(c->metadata);
+    Py_XDECREF(c->tensors);
+}
+
 PyObject *
 sft_read(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"path", "verify", "_verify_if_present", NULL};
-    PyObject *path = NULL, *fsbytes = NULL, *display = NULL, *metadata = NULL, *tensors = NULL, *result = NULL;
+    PyObject *path = NULL, *result = NULL;
     int verify = 0, if_present = 0, fd = -1;
-    SftHeader h = {.st = module_state(module)};
+    SftReadCall c = {0};
     SftMap *map = NULL;
-    uint64_t n = 0, size = 0;
 
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$pp:st_read", kwlist, &path, &verify, &if_present) ||
-        sft_path_args(path, &fsbytes, &display) < 0) {
-        goto done;
-    }
-    h.display = display;
-    if ((metadata = PyDict_New()) == NULL || (tensors = PyDict_New()) == NULL ||
-        sft_load_header(&h, fsbytes, metadata, &fd, &n, &size) < 0 ||
-        (map = sft_map_file(display, fd, size)) == NULL) {
+        sft_read_begin(&c, module, path, &fd) < 0 || (map = sft_map_file(c.display, fd, c.size)) == NULL) {
         goto done;
     }
     close(fd);
     fd = -1;
-    char *data = (char *)map->addr + 8 + n;
+    char *data = (char *)map->addr + 8 + c.hdr_len;
     if (verify && if_present) {
         /* metadata holds only str: the lookup cannot fail */
-        verify = PyDict_GetItemWithError(metadata, h.st->sft.s_checksums) != NULL;
+        verify = PyDict_GetItemWithError(c.metadata, c.h.st->sft.s_checksums) != NULL;
     }
-    if ((verify && sft_verify(&h, metadata, data) < 0) || sft_make_tensors(&h, map, data, tensors) < 0) {
+    if ((verify && sft_verify(&c.h, c.metadata, data) < 0) || sft_make_tensors(&c.h, map, data, c.tensors) < 0) {
         goto done;
     }
-    result = PyTuple_Pack(2, metadata, tensors);
+    result = PyTuple_Pack(2, c.metadata, c.tensors);
 done:
     if (fd >= 0) {
         close(fd);
@@ -465,11 +490,7 @@ done:
     if (map != NULL) {
         sft_map_release(map);
     }
-    sft_header_clear(&h);
-    Py_XDECREF(fsbytes);
-    Py_XDECREF(display);
-    Py_XDECREF(metadata);
-    Py_XDECREF(tensors);
+    sft_read_end(&c);
     return result;
 }
 
@@ -509,24 +530,13 @@ done:
 PyObject *
 sft_read_header(PyObject *module, PyObject *path)
 {
-    PyObject *fsbytes = NULL, *display = NULL, *metadata = NULL, *tensors = NULL, *result = NULL;
-    SftHeader h = {.st = module_state(module)};
-    uint64_t n = 0, size = 0;
-
-    if (sft_path_args(path, &fsbytes, &display) < 0) {
+    PyObject *result = NULL;
+    SftReadCall c = {0};
+    if (sft_read_begin(&c, module, path, NULL) < 0 || sft_describe_entries(&c.h, c.tensors) < 0) {
         goto done;
     }
-    h.display = display;
-    if ((metadata = PyDict_New()) == NULL || (tensors = PyDict_New()) == NULL ||
-        sft_load_header(&h, fsbytes, metadata, NULL, &n, &size) < 0 || sft_describe_entries(&h, tensors) < 0) {
-        goto done;
-    }
-    result = Py_BuildValue("(OOK)", metadata, tensors, (unsigned long long)(8 + n));
+    result = Py_BuildValue("(OOK)", c.metadata, c.tensors, (unsigned long long)(8 + c.hdr_len));
 done:
-    sft_header_clear(&h);
-    Py_XDECREF(fsbytes);
-    Py_XDECREF(display);
-    Py_XDECREF(metadata);
-    Py_XDECREF(tensors);
+    sft_read_end(&c);
     return result;
 }

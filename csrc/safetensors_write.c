@@ -419,11 +419,7 @@ sft_write_nogil(int fd, const void *data, size_t n, Xxh64State *h, PyObject *dis
     rc = sft_write_all(fd, data, n, NULL);
     saved_errno = errno;
     Py_END_ALLOW_THREADS
-    if (rc < 0) {
-        errno = saved_errno;
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, display);
-    }
-    return rc;
+    return rc < 0 ? sft_os_error(display, saved_errno) : 0;
 }
 
 /* One piece of the data section: bytes [off, off + n) of order[i]'s tensor, read
@@ -642,7 +638,7 @@ done:
 static int
 sft_open_temp(SftWriter *w, AtomicFile *af, PyObject *fsbytes)
 {
-    int rc;
+    int rc, saved_errno;
     if (strlen(PyBytes_AS_STRING(fsbytes)) != (size_t)PyBytes_GET_SIZE(fsbytes)) {
         return sft_fail(w->st, w->display, "not a file name");
     }
@@ -651,11 +647,9 @@ sft_open_temp(SftWriter *w, AtomicFile *af, PyObject *fsbytes)
     if (rc == 0) {
         atomic_file_start_writeback(af); /* disk writes overlap hashing and staging */
     }
+    saved_errno = errno;
     Py_END_ALLOW_THREADS
-    if (rc < 0) {
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, w->display);
-    }
-    return rc;
+    return rc < 0 ? sft_os_error(w->display, saved_errno) : 0;
 }
 
 /* The final header over the placeholders, then fsync, rename, fsync the folder. */
@@ -671,11 +665,7 @@ sft_commit(SftWriter *w, AtomicFile *af)
     }
     saved_errno = errno;
     Py_END_ALLOW_THREADS
-    if (rc < 0) {
-        errno = saved_errno;
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, w->display);
-    }
-    return rc;
+    return rc < 0 ? sft_os_error(w->display, saved_errno) : 0;
 }
 
 static void
