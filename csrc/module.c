@@ -109,9 +109,10 @@ conversion_exec(PyObject *module)
 
     if (PyModule_AddFunctions(module, codec_methods) < 0 ||
         PyModule_AddFunctions(module, checkpoint_methods) < 0 ||
-        PyModule_AddFunctions(module, st_format_methods) < 0 ||
+        PyModule_AddFunctions(module, sft_methods) < 0 ||
         codec_state_init(module, &st->codec) < 0 ||
-        checkpoint_state_init(module, &st->ckpt) < 0) {
+        checkpoint_state_init(module, &st->ckpt) < 0 ||
+        sft_state_init(&st->sft) < 0) {
         return -1;
     }
     return 0;
@@ -128,7 +129,8 @@ conversion_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->deque);
     Py_VISIT(st->runtime);
     if (codec_state_traverse(&st->codec, visit, arg) < 0 ||
-        checkpoint_state_traverse(&st->ckpt, visit, arg) < 0) {
+        checkpoint_state_traverse(&st->ckpt, visit, arg) < 0 ||
+        sft_state_traverse(&st->sft, visit, arg) < 0) {
         return -1;
     }
     return 0;
@@ -169,6 +171,7 @@ conversion_clear(PyObject *module)
     Py_CLEAR(st->s_load_state_dict);
     codec_state_clear(&st->codec);
     checkpoint_state_clear(&st->ckpt);
+    sft_state_clear(&st->sft);
     return 0;
 }
 

@@ -7,7 +7,7 @@
 #include "errors.h"
 #include "codec_module.h"
 #include "checkpoint.h"
-#include "st_format.h"
+#include "safetensors.h"
 
 typedef struct {
     PyTypeObject *StateManagerType;
@@ -50,6 +50,7 @@ typedef struct {
 
     CodecState codec;         /* owned by codec_state.c */
     CheckpointState ckpt;     /* owned by checkpoint.c */
+    SftState sft;             /* owned by safetensors.c */
 } ModuleState;
 
 /* The state of the module that defined `type` (for methods of our heap types). */
