@@ -1,9 +1,8 @@
-/* The conversion functions of SPEC §6: apply_mode, modelopt_state,
- * restore_from_modelopt_state, load_modelopt_state, get_mode, save, restore.
- * They drive the state manager; modes, configs and torch I/O are called, not copied. */
+/* The bookkeeping of SPEC §6: apply_mode, modelopt_state, get_mode, and the
+ * transactional replay under restore / restore_from_modelopt_state (whose file
+ * handling is modelopt_c/checkpoint.py's).  They drive the state manager; modes and
+ * configs are called through the callbacks of module_state.h, never copied. */
 #include "state_manager.h"
-
-#define GET_STATE(module) ModuleState *st = module_state(module)
 
 /* A new reference to the model itself, or to a ModelLikeModule holding its recipe. */
 static PyObject *
@@ -13,13 +12,13 @@ as_module(ModuleState *st, PyObject *model)
     if (is_module < 0) {
         return NULL;
     }
-    return is_module ? Py_NewRef(model) : runtime_call(st, "as_module", &model, 1);
+    return is_module ? Py_NewRef(model) : runtime_call(st, CB_AS_MODULE, &model, 1);
 }
 
 static int
 is_model_like(ModuleState *st, PyObject *model)
 {
-    PyObject *res = runtime_call(st, "is_model_like", &model, 1);
+    PyObject *res = runtime_call(st, CB_IS_MODEL_LIKE, &model, 1);
     if (res == NULL) {
         return -1;
     }
@@ -47,7 +46,7 @@ unwrap(ModuleState *st, PyObject *model, const char *how)
         return NULL;
     }
     PyObject *args[2] = {model, how_obj};
-    PyObject *result = runtime_call(st, "unwrap", args, 2);
+    PyObject *result = runtime_call(st, CB_UNWRAP, args, 2);
     Py_DECREF(how_obj);
     return result;
 }
@@ -57,7 +56,7 @@ static PyObject *
 prepare_model_for(ModuleState *st, PyObject *model, PyObject *descriptor)
 {
     PyObject *args[2] = {model, descriptor};
-    PyObject *result = runtime_call(st, "prepare_model_for", args, 2);
+    PyObject *result = runtime_call(st, CB_PREPARE_MODEL_FOR, args, 2);
     Py_DECREF(model);
     return result;
 }
@@ -178,7 +177,7 @@ conversion_apply_mode(PyObject *module, PyObject *args, PyObject *kwargs)
                                      &init_state, &mode_kwargs)) {
         return NULL;
     }
-    GET_STATE(module);
+    ModuleState *st = module_state(module);
     if ((model = as_module(st, model_arg)) == NULL) {
         goto error;
     }
@@ -195,7 +194,7 @@ conversion_apply_mode(PyObject *module, PyObject *args, PyObject *kwargs)
     }
     Py_SETREF(model, unwrapped);
     unwrapped = NULL;
-    if ((modes = runtime_call(st, "get_mode_config", &mode, 1)) == NULL) {
+    if ((modes = runtime_call(st, CB_GET_MODE_CONFIG, &mode, 1)) == NULL) {
         goto error;
     }
     if (!PyList_Check(modes)) {
@@ -342,7 +341,7 @@ conversion_modelopt_state_impl(ModuleState *st, PyObject *model_arg)
         Py_CLEAR(descriptor);
         Py_CLEAR(flag);
     }
-    if ((version = runtime_call(st, "state_version", NULL, 0)) == NULL ||
+    if ((version = runtime_call(st, CB_STATE_VERSION, NULL, 0)) == NULL ||
         (result = PyDict_New()) == NULL || PyDict_SetItem(result, st->s_modelopt_state_dict, kept) < 0 ||
         PyDict_SetItem(result, st->s_modelopt_version, version) < 0) {
         Py_CLEAR(result);
@@ -374,7 +373,7 @@ PyDoc_STRVAR(get_mode_doc, "get_mode(model) -> ModeDescriptor | None\n\nThe last
 static PyObject *
 conversion_get_mode(PyObject *module, PyObject *model)
 {
-    GET_STATE(module);
+    ModuleState *st = module_state(module);
     int converted = sm_is_converted(st, model, 0);
     if (converted <= 0) {
         return converted < 0 ? NULL : Py_NewRef(Py_None);
@@ -393,36 +392,6 @@ conversion_get_mode(PyObject *module, PyObject *model)
     }
     Py_DECREF(sm);
     return result;
-}
-
-static PyObject *
-load_modelopt_state_impl(ModuleState *st, PyObject *path, PyObject *kwargs)
-{
-    PyObject *kw = kwargs != NULL ? PyDict_Copy(kwargs) : PyDict_New();
-    if (kw == NULL) {
-        return NULL;
-    }
-    PyObject *args[2] = {path, kw};
-    PyObject *state = runtime_call(st, "load_modelopt_state_file", args, 2);
-    Py_DECREF(kw);
-    return state;
-}
-
-PyDoc_STRVAR(load_modelopt_state_doc,
-"load_modelopt_state(modelopt_state_path, **kwargs) -> dict\n\n"
-"Load a file written with torch.save(modelopt_state(model), path) safely\n"
-"(weights_only=True, map_location='cpu' unless given) and check its layout:\n"
-"TypeError for a non-dict or wrong types, ValueError for a full checkpoint or\n"
-"missing keys.");
-
-static PyObject *
-conversion_load_modelopt_state(PyObject *module, PyObject *args, PyObject *kwargs)
-{
-    PyObject *path;
-    if (!PyArg_ParseTuple(args, "O:load_modelopt_state", &path)) {
-        return NULL;
-    }
-    return load_modelopt_state_impl(module_state(module), path, kwargs);
 }
 
 /* The layout checks of a modelopt state dict, naming what is wrong. */
@@ -779,175 +748,40 @@ error:
     return result;
 }
 
-PyDoc_STRVAR(restore_from_modelopt_state_doc,
-"restore_from_modelopt_state(model, modelopt_state=None, modelopt_state_path=None) -> nn.Module\n\n"
-"Replay the recorded modes on a fresh model: initialise its state, load the given\n"
-"state (every config validates, mode order is checked), then call each mode's\n"
-"restore.  Give exactly one of modelopt_state / modelopt_state_path.  The weights\n"
-"are the model's own; load them afterwards (or use restore()).\n\n"
-"Transactional: when a mode's restore raises, every module of the model gets back its\n"
-"class, attributes, submodules, parameters, buffers, hooks and modelopt state, and the\n"
-"exception is re-raised.  Not undone: tensor data a mode changes in place, and state\n"
-"outside the model's modules (globals, objects a mode mutates rather than replaces).");
+PyDoc_STRVAR(restore_from_state_doc,
+"_restore_from_state(model, modelopt_state, weights=None, source=None) -> nn.Module\n\n"
+"The native half of restore() and restore_from_modelopt_state() (modelopt_c.checkpoint):\n"
+"replay the modes of `modelopt_state` on `model` and, when `weights` is given, copy them\n"
+"into the model's own tensors (checked first; `source` is the file's name for messages).\n"
+"One transaction: on any failure every module of the model gets back its class,\n"
+"attributes, submodules, parameters, buffers, hooks and modelopt state.");
 
 static PyObject *
-conversion_restore_from_modelopt_state(PyObject *module, PyObject *args, PyObject *kwargs)
+conversion_restore_from_state(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"model", "modelopt_state", "modelopt_state_path", NULL};
-    PyObject *model, *state = Py_None, *path = Py_None, *loaded = NULL, *result;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|OO:restore_from_modelopt_state", kwlist, &model, &state,
-                                     &path)) {
+    static char *kwlist[] = {"model", "modelopt_state", "weights", "source", NULL};
+    PyObject *model, *state, *weights = Py_None, *source = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|OO:_restore_from_state", kwlist, &model, &state, &weights,
+                                     &source)) {
         return NULL;
     }
-    GET_STATE(module);
-    if ((state == Py_None) == (path == Py_None)) {
-        PyErr_SetString(PyExc_AssertionError,
-                        "Either modelopt_state or modelopt_state_path must be provided, but not both.");
-        return NULL;
-    }
-    if (path != Py_None) {
-        if ((loaded = load_modelopt_state_impl(st, path, NULL)) == NULL) {
-            return NULL;
-        }
-        state = loaded;
-    }
-    result = restore_from_state_impl(st, model, state, NULL, NULL);
-    Py_XDECREF(loaded);
-    return result;
-}
-
-/* Split off our own keyword `format` from torch's kwargs; new references. */
-static int
-split_format(PyObject *kwargs, PyObject **format, PyObject **rest)
-{
-    *format = NULL;
-    *rest = kwargs != NULL ? PyDict_Copy(kwargs) : PyDict_New();
-    if (*rest == NULL) {
-        return -1;
-    }
-    PyObject *key = PyUnicode_FromString("format");
-    if (key == NULL) {
-        return -1;
-    }
-    int r = PyDict_GetItemRef(*rest, key, format);
-    if (r > 0) {
-        r = PyDict_DelItem(*rest, key);
-    }
-    Py_DECREF(key);
-    if (*format == NULL) {
-        *format = Py_NewRef(Py_None);
-    }
-    return r < 0 ? -1 : 0;
-}
-
-PyDoc_STRVAR(save_doc,
-"save(model, f, *, format=None, **kwargs)\n\n"
-"Save the model's weights with its modelopt state so restore() rebuilds it.\n\n"
-"f: a path or a binary file object.  format: 'torch' (the default; the exact file\n"
-"nvidia-modelopt writes, kwargs go to torch.save) or 'safetensors' (the default for\n"
-"paths ending in .safetensors).  A path is written to a temporary file in the same\n"
-"folder, fsynced and renamed over the target: a crash leaves the old file or the\n"
-"new one, never a broken one.  A wrapped model (DataParallel, DDP, FSDP) is\n"
-"unwrapped with a warning.");
-
-static PyObject *
-conversion_save(PyObject *module, PyObject *args, PyObject *kwargs)
-{
-    PyObject *model_arg, *f, *format = NULL, *rest = NULL, *model = NULL, *state = NULL, *weights = NULL,
-                             *result = NULL;
-    if (!PyArg_ParseTuple(args, "OO:save", &model_arg, &f)) {
-        return NULL;
-    }
-    GET_STATE(module);
-    if (split_format(kwargs, &format, &rest) < 0 || (model = unwrap(st, model_arg, "warn")) == NULL ||
-        (state = conversion_modelopt_state_impl(st, model)) == NULL ||
-        (weights = PyObject_CallMethodNoArgs(model, st->s_state_dict)) == NULL) {
-        goto error;
-    }
-    PyObject *call[5] = {f, state, weights, format, rest};
-    result = ckpt_save(st, call);
-error:
-    Py_XDECREF(format);
-    Py_XDECREF(rest);
-    Py_XDECREF(model);
-    Py_XDECREF(state);
-    Py_XDECREF(weights);
-    return result;
+    return restore_from_state_impl(module_state(module), model, state, weights == Py_None ? NULL : weights, source);
 }
 
 PyDoc_STRVAR(save_torch_file_doc,
-"_save_torch_file(path, obj) -> None\n\n"
-"torch.save(obj, path) through save()'s crash-safe writer (temp file locked while\n"
-"written, fsync, rename, fsync the folder; stale temp files of the folder removed).\n"
-"For the command-line tool.");
+"_save_torch_file(path, obj, **torch_save_kwargs) -> None\n\n"
+"torch.save(obj, path, **torch_save_kwargs) through the crash-safe writer (temp file\n"
+"locked while written, fsync, rename, fsync the folder; stale temp files of the folder\n"
+"removed).  For modelopt_c.checkpoint (save, and the command-line tool's convert).");
 
 static PyObject *
-conversion_save_torch_file(PyObject *module, PyObject *args)
+conversion_save_torch_file(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     PyObject *path, *obj;
     if (!PyArg_ParseTuple(args, "OO:_save_torch_file", &path, &obj)) {
         return NULL;
     }
-    GET_STATE(module);
-    return ckpt_save_torch_file(st, path, obj);
-}
-
-PyDoc_STRVAR(restore_doc,
-"restore(model, f, **kwargs) -> nn.Module\n\n"
-"Load a checkpoint written by save() (either format, told apart by the file's first\n"
-"bytes, not its name; nvidia-modelopt's files too), replay its modes on `model`\n"
-"and copy the weights into the model's own tensors, in place, one by one.\n\n"
-"Safe by default: torch-format files load with weights_only=True semantics (no code\n"
-"from the file runs; pass weights_only=False yourself only for a trusted file), and\n"
-"paths are memory-mapped, so the peak memory is the model plus one tensor.  A model\n"
-"built on the meta device gets its tensors straight from the file.  map_location\n"
-"defaults to 'cpu'.  Every key, shape, dtype and kind is checked before the first byte\n"
-"is copied: RuntimeError in torch's load_state_dict wording listing every offending key\n"
-"and the file; TypeError for tensor subclasses (DTensor: restore the unsharded model).\n"
-"Models with state-dict hooks or their own (load_)state_dict load through their own\n"
-"load_state_dict, from the same mapped tensors.\n"
-"Restore into the unwrapped model (a wrapped one raises ValueError), then wrap it.\n\n"
-"Transactional: when the weights do not fit or a mode's restore raises, every module of\n"
-"the model gets back its class, attributes, submodules, parameters, buffers, hooks and\n"
-"modelopt state, and the exception is re-raised.  Not undone: tensor data a mode's\n"
-"restore changes in place, state outside the model's modules, and copies already made\n"
-"when a copy itself fails midway (after every check passed: e.g. a device error).");
-
-static PyObject *
-conversion_restore(PyObject *module, PyObject *args, PyObject *kwargs)
-{
-    PyObject *model_arg, *f, *model = NULL, *unwrapped = NULL, *kw = NULL, *loaded = NULL, *restored = NULL,
-                             *result = NULL;
-    if (!PyArg_ParseTuple(args, "OO:restore", &model_arg, &f)) {
-        return NULL;
-    }
-    GET_STATE(module);
-    if ((model = as_module(st, model_arg)) == NULL || (unwrapped = unwrap(st, model, "raise")) == NULL ||
-        (kw = kwargs != NULL ? PyDict_Copy(kwargs) : PyDict_New()) == NULL) {
-        goto error;
-    }
-    PyObject *call[2] = {f, kw};
-    if ((loaded = runtime_call(st, "load_checkpoint", call, 2)) == NULL) {
-        goto error;
-    }
-    if (!PyTuple_Check(loaded) || PyTuple_GET_SIZE(loaded) != 2) {
-        PyErr_Format(PyExc_TypeError, "_runtime.load_checkpoint returned a %.200s, not (modelopt_state, weights)",
-                     Py_TYPE(loaded)->tp_name);
-        goto error;
-    }
-    /* the modes are replayed and the weights loaded as one transaction */
-    if ((restored = restore_from_state_impl(st, unwrapped, PyTuple_GET_ITEM(loaded, 0), PyTuple_GET_ITEM(loaded, 1),
-                                            f)) == NULL) {
-        goto error;
-    }
-    result = Py_NewRef(restored);
-error:
-    Py_XDECREF(model);
-    Py_XDECREF(unwrapped);
-    Py_XDECREF(kw);
-    Py_XDECREF(loaded);
-    Py_XDECREF(restored);
-    return result;
+    return ckpt_save_torch_file(module_state(module), path, obj, kwargs);
 }
 
 PyMethodDef conversion_methods[] = {
@@ -955,12 +789,9 @@ PyMethodDef conversion_methods[] = {
      apply_mode_doc},
     {"modelopt_state", (PyCFunction)conversion_modelopt_state, METH_O, modelopt_state_doc},
     {"get_mode", (PyCFunction)conversion_get_mode, METH_O, get_mode_doc},
-    {"load_modelopt_state", (PyCFunction)(void (*)(void))conversion_load_modelopt_state,
-     METH_VARARGS | METH_KEYWORDS, load_modelopt_state_doc},
-    {"restore_from_modelopt_state", (PyCFunction)(void (*)(void))conversion_restore_from_modelopt_state,
-     METH_VARARGS | METH_KEYWORDS, restore_from_modelopt_state_doc},
-    {"save", (PyCFunction)(void (*)(void))conversion_save, METH_VARARGS | METH_KEYWORDS, save_doc},
-    {"restore", (PyCFunction)(void (*)(void))conversion_restore, METH_VARARGS | METH_KEYWORDS, restore_doc},
-    {"_save_torch_file", (PyCFunction)conversion_save_torch_file, METH_VARARGS, save_torch_file_doc},
+    {"_restore_from_state", (PyCFunction)(void (*)(void))conversion_restore_from_state,
+     METH_VARARGS | METH_KEYWORDS, restore_from_state_doc},
+    {"_save_torch_file", (PyCFunction)(void (*)(void))conversion_save_torch_file, METH_VARARGS | METH_KEYWORDS,
+     save_torch_file_doc},
     {NULL, NULL, 0, NULL},
 };

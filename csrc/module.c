@@ -1,5 +1,5 @@
 /* modelopt_c._conversion: multi-phase module init, the module state's life cycle,
- * and the two helpers every file uses to reach the Python glue (_runtime). */
+ * and runtime_call, the one way the core calls Python (the callbacks of module_state.h). */
 #include "module_state.h"
 
 PyDoc_STRVAR(module_doc,
@@ -15,27 +15,34 @@ module_state_from_type(PyTypeObject *type)
     return module == NULL ? NULL : module_state(module);
 }
 
-PyObject *
-runtime_attr(ModuleState *st, const char *name)
-{
-    if (st->runtime == NULL) {
-        st->runtime = PyImport_ImportModule("modelopt_c._runtime");
-        if (st->runtime == NULL) {
-            return NULL;
-        }
-    }
-    return PyObject_GetAttrString(st->runtime, name);
-}
+static const char *const callback_names[CB_COUNT] = {
+    [CB_AS_MODULE] = "as_module",
+    [CB_IS_MODEL_LIKE] = "is_model_like",
+    [CB_PREPARE_MODEL_FOR] = "prepare_model_for",
+    [CB_UNWRAP] = "unwrap",
+    [CB_GET_MODE_CONFIG] = "get_mode_config",
+    [CB_GET_FROM_ANY] = "get_from_any",
+    [CB_GET_REGISTRY_BY_NAME] = "get_registry_by_name",
+    [CB_STATE_VERSION] = "state_version",
+    [CB_PLAN_LOAD] = "plan_load",
+    [CB_ASSIGN_TENSOR] = "assign_tensor",
+};
 
 PyObject *
-runtime_call(ModuleState *st, const char *name, PyObject *const *args, size_t nargs)
+runtime_call(ModuleState *st, Callback cb, PyObject *const *args, size_t nargs)
 {
-    PyObject *func = runtime_attr(st, name);
-    if (func == NULL) {
-        return NULL;
+    PyObject *func = NULL, *result = NULL;
+
+    if (st->runtime == NULL && (st->runtime = PyImport_ImportModule("modelopt_c._runtime")) == NULL) {
+        goto done;
     }
-    PyObject *result = PyObject_Vectorcall(func, args, nargs, NULL);
-    Py_DECREF(func);
+    /* looked up per call, not cached: tests and users may patch _runtime */
+    if ((func = PyObject_GetAttrString(st->runtime, callback_names[cb])) == NULL) {
+        goto done;
+    }
+    result = PyObject_Vectorcall(func, args, nargs, NULL);
+done:
+    Py_XDECREF(func);
     return result;
 }
 
@@ -101,6 +108,19 @@ conversion_exec(PyObject *module)
         return -1;
     }
 
+    PyObject *bases = PyTuple_Pack(2, PyExc_ValueError, PyExc_RuntimeError);
+    st->CheckpointError = bases == NULL ? NULL : PyErr_NewExceptionWithDoc(
+        "modelopt_c.CheckpointError",
+        "A file that is not a readable checkpoint (not one, truncated, or corrupted).\n\n"
+        "A ValueError (bad input) and, for code written against nvidia-modelopt (where\n"
+        "torch.load raises RuntimeError), a RuntimeError too.",
+        bases, NULL);
+    Py_XDECREF(bases);
+    if (st->CheckpointError == NULL ||
+        PyModule_AddObjectRef(module, "CheckpointError", st->CheckpointError) < 0) {
+        return -1;
+    }
+
     st->StateManagerType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &state_manager_spec, NULL);
     if (st->StateManagerType == NULL ||
         PyModule_AddType(module, st->StateManagerType) < 0) {
@@ -123,6 +143,7 @@ conversion_traverse(PyObject *module, visitproc visit, void *arg)
     ModuleState *st = module_state(module);
     Py_VISIT(st->StateManagerType);
     Py_VISIT(st->ApplyModeError);
+    Py_VISIT(st->CheckpointError);
     Py_VISIT(st->nn_Module);
     Py_VISIT(st->deepcopy);
     Py_VISIT(st->deque);
@@ -140,6 +161,7 @@ conversion_clear(PyObject *module)
     ModuleState *st = module_state(module);
     Py_CLEAR(st->StateManagerType);
     Py_CLEAR(st->ApplyModeError);
+    Py_CLEAR(st->CheckpointError);
     Py_CLEAR(st->nn_Module);
     Py_CLEAR(st->deepcopy);
     Py_CLEAR(st->deque);

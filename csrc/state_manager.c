@@ -163,7 +163,7 @@ sm_init(ModuleState *st, StateManager *self, PyObject *model, int init_state)
             PyErr_SetString(PyExc_AssertionError, "Model already has modelopt state!");
             goto error;
         }
-        if ((version = runtime_call(st, "state_version", NULL, 0)) == NULL ||
+        if ((version = runtime_call(st, CB_STATE_VERSION, NULL, 0)) == NULL ||
             (state = PyList_New(0)) == NULL ||
             (version_list = PyList_New(1)) == NULL) {
             goto error;
@@ -271,7 +271,7 @@ sm_dealloc(StateManager *self)
 PyObject *
 sm_descriptor(ModuleState *st, PyObject *mode)
 {
-    return runtime_call(st, "get_from_any", &mode, 1);
+    return runtime_call(st, CB_GET_FROM_ANY, &mode, 1);
 }
 
 PyObject *
@@ -594,7 +594,7 @@ sm_load_state_dict(ModuleState *st, StateManager *sm, PyObject *state_dict, PyOb
         PyErr_SetString(PyExc_AssertionError, "Cannot load state_dict if there is already one.");
         return -1;
     }
-    if ((current = runtime_call(st, "state_version", NULL, 0)) == NULL) {
+    if ((current = runtime_call(st, CB_STATE_VERSION, NULL, 0)) == NULL) {
         goto error;
     }
     if (version == NULL || version == Py_None) {
@@ -805,7 +805,7 @@ sm_py_has_state_for_mode_type(PyObject *cls, PyObject *args, PyObject *kwargs)
         }
         state = owned_state;
     }
-    if ((registry = runtime_call(st, "get_registry_by_name", &mode_type, 1)) == NULL ||
+    if ((registry = runtime_call(st, CB_GET_REGISTRY_BY_NAME, &mode_type, 1)) == NULL ||
         (entries = PyObject_GetItem(state, st->s_modelopt_state_dict)) == NULL) {
         goto error;
     }
