@@ -184,7 +184,7 @@ copy_in_place(CheckpointState *cs, PyObject *dst, PyObject *src, PyObject *key)
             !PyErr_ExceptionMatches(PyExc_TypeError)) {
             goto done;
         }
-        PyErr_Clear();
+        PyErr_Clear(); /* one of the three checked above: DLPack cannot carry it, torch's copy_ can */
         r = torch_copy(cs, dst, src);
         goto done;
     }
