@@ -281,13 +281,10 @@ checkpoint_state_init(PyObject *module, CheckpointState *cs)
         return -1;
     }
     cs->torch_save = PyObject_GetAttrString(torch, "save");
-    cs->Tensor = PyObject_GetAttrString(torch, "Tensor");
     Py_DECREF(torch);
-    if (cs->torch_save == NULL || cs->Tensor == NULL ||
+    if (cs->torch_save == NULL ||
         (cs->s_detach = PyUnicode_InternFromString("detach")) == NULL ||
         (cs->s_dlpack = PyUnicode_InternFromString("__dlpack__")) == NULL ||
-        (cs->s_shape = PyUnicode_InternFromString("shape")) == NULL ||
-        (cs->s_is_meta = PyUnicode_InternFromString("is_meta")) == NULL ||
         (cs->s_copy_ = PyUnicode_InternFromString("copy_")) == NULL) {
         return -1;
     }
@@ -298,7 +295,6 @@ int
 checkpoint_state_traverse(CheckpointState *cs, visitproc visit, void *arg)
 {
     Py_VISIT(cs->torch_save);
-    Py_VISIT(cs->Tensor);
     return 0;
 }
 
@@ -306,10 +302,7 @@ void
 checkpoint_state_clear(CheckpointState *cs)
 {
     Py_CLEAR(cs->torch_save);
-    Py_CLEAR(cs->Tensor);
     Py_CLEAR(cs->s_detach);
     Py_CLEAR(cs->s_dlpack);
-    Py_CLEAR(cs->s_shape);
-    Py_CLEAR(cs->s_is_meta);
     Py_CLEAR(cs->s_copy_);
 }

@@ -77,21 +77,15 @@ conversion_exec(PyObject *module)
     INTERN(s_modelopt_state_dict, "modelopt_state_dict");
     INTERN(s_modelopt_version, "modelopt_version");
     INTERN(s_modelopt_state, "modelopt_state");
-    INTERN(s_model_state_dict, "model_state_dict");
-    INTERN(s_name, "name");
     INTERN(s_config_class, "config_class");
     INTERN(s_convert, "convert");
     INTERN(s_restore, "restore");
     INTERN(s_export_mode, "export_mode");
     INTERN(s_is_export_mode, "is_export_mode");
-    INTERN(s_next_modes, "next_modes");
-    INTERN(s_next_prohibited_modes, "next_prohibited_modes");
     INTERN(s_update_for_save, "update_for_save");
     INTERN(s_update_for_new_mode, "update_for_new_mode");
     INTERN(s_save_mode_in_state, "save_mode_in_state");
     INTERN(s_model_dump, "model_dump");
-    INTERN(s_state_dict, "state_dict");
-    INTERN(s_load_state_dict, "load_state_dict");
 
     if ((st->nn_Module = import_attr("torch.nn", "Module")) == NULL ||
         (st->deepcopy = import_attr("copy", "deepcopy")) == NULL ||
@@ -174,21 +168,15 @@ conversion_clear(PyObject *module)
     Py_CLEAR(st->s_modelopt_state_dict);
     Py_CLEAR(st->s_modelopt_version);
     Py_CLEAR(st->s_modelopt_state);
-    Py_CLEAR(st->s_model_state_dict);
-    Py_CLEAR(st->s_name);
     Py_CLEAR(st->s_config_class);
     Py_CLEAR(st->s_convert);
     Py_CLEAR(st->s_restore);
     Py_CLEAR(st->s_export_mode);
     Py_CLEAR(st->s_is_export_mode);
-    Py_CLEAR(st->s_next_modes);
-    Py_CLEAR(st->s_next_prohibited_modes);
     Py_CLEAR(st->s_update_for_save);
     Py_CLEAR(st->s_update_for_new_mode);
     Py_CLEAR(st->s_save_mode_in_state);
     Py_CLEAR(st->s_model_dump);
-    Py_CLEAR(st->s_state_dict);
-    Py_CLEAR(st->s_load_state_dict);
     codec_state_clear(&st->codec);
     checkpoint_state_clear(&st->ckpt);
     return 0;

@@ -32,21 +32,15 @@ typedef struct {
     PyObject *s_modelopt_state_dict;
     PyObject *s_modelopt_version;
     PyObject *s_modelopt_state;
-    PyObject *s_model_state_dict;
-    PyObject *s_name;
     PyObject *s_config_class;
     PyObject *s_convert;
     PyObject *s_restore;
     PyObject *s_export_mode;
     PyObject *s_is_export_mode;
-    PyObject *s_next_modes;
-    PyObject *s_next_prohibited_modes;
     PyObject *s_update_for_save;
     PyObject *s_update_for_new_mode;
     PyObject *s_save_mode_in_state;
     PyObject *s_model_dump;
-    PyObject *s_state_dict;
-    PyObject *s_load_state_dict;
 
     CodecState codec;         /* owned by state_codec.c */
     CheckpointState ckpt;     /* owned by checkpoint.c */
