@@ -753,11 +753,8 @@ sm_py_load_state_dict(StateManager *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:load_state_dict", kwlist, &state_dict, &version)) {
         return NULL;
     }
-    ModuleState *st = module_state_from_type((PyTypeObject *)Py_TYPE(self));
-    if (st == NULL) {
-        return NULL;
-    }
-    if (sm_load_state_dict(st, self, state_dict, version) < 0) {
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL || sm_load_state_dict(st, self, state_dict, version) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -777,10 +774,7 @@ sm_py_transfer_state_dict(PyObject *cls, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     ModuleState *st = module_state_from_type((PyTypeObject *)cls);
-    if (st == NULL) {
-        return NULL;
-    }
-    if (sm_transfer(st, model_from, model_to) < 0) {
+    if (st == NULL || sm_transfer(st, model_from, model_to) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -851,10 +845,7 @@ static PyObject *
 sm_py_remove_state(PyObject *cls, PyObject *model)
 {
     ModuleState *st = module_state_from_type((PyTypeObject *)cls);
-    if (st == NULL) {
-        return NULL;
-    }
-    if (PyObject_DelAttr(model, st->s_state_key) < 0) {
+    if (st == NULL || PyObject_DelAttr(model, st->s_state_key) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -868,11 +859,8 @@ static PyObject *
 sm_py_modes_with_states(StateManager *self, PyObject *Py_UNUSED(ignored))
 {
     PyObject *out = NULL, *descriptor = NULL, *config = NULL, *item = NULL, *iter = NULL;
-    ModuleState *st = module_state_from_type((PyTypeObject *)Py_TYPE(self));
-    if (st == NULL) {
-        return NULL;
-    }
-    if ((out = PyList_New(0)) == NULL) {
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL || (out = PyList_New(0)) == NULL) {
         return NULL;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(self->state); i++) {
@@ -928,11 +916,8 @@ PyDoc_STRVAR(check_mode_doc,
 static PyObject *
 sm_py_check_mode(StateManager *self, PyObject *mode)
 {
-    ModuleState *st = module_state_from_type((PyTypeObject *)Py_TYPE(self));
-    if (st == NULL) {
-        return NULL;
-    }
-    if (sm_check_mode(st, self, mode) < 0) {
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL || sm_check_mode(st, self, mode) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -950,11 +935,8 @@ sm_py_add_mode(StateManager *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:add_mode", kwlist, &mode, &config, &metadata)) {
         return NULL;
     }
-    ModuleState *st = module_state_from_type((PyTypeObject *)Py_TYPE(self));
-    if (st == NULL) {
-        return NULL;
-    }
-    if (sm_add_mode(st, self, mode, config, metadata) < 0) {
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL || sm_add_mode(st, self, mode, config, metadata) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -967,11 +949,8 @@ PyDoc_STRVAR(update_new_doc,
 static PyObject *
 sm_py_update_before_new_mode(StateManager *self, PyObject *model)
 {
-    ModuleState *st = module_state_from_type((PyTypeObject *)Py_TYPE(self));
-    if (st == NULL) {
-        return NULL;
-    }
-    if (sm_update_last(st, self, model, st->s_update_for_new_mode) < 0) {
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL || sm_update_last(st, self, model, st->s_update_for_new_mode) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -984,11 +963,8 @@ PyDoc_STRVAR(update_save_doc,
 static PyObject *
 sm_py_update_before_save(StateManager *self, PyObject *model)
 {
-    ModuleState *st = module_state_from_type((PyTypeObject *)Py_TYPE(self));
-    if (st == NULL) {
-        return NULL;
-    }
-    if (sm_update_last(st, self, model, st->s_update_for_save) < 0) {
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL || sm_update_last(st, self, model, st->s_update_for_save) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -1011,7 +987,7 @@ sm_get_state_version(StateManager *self, void *Py_UNUSED(closure))
 static PyObject *
 sm_get_last_mode(StateManager *self, void *Py_UNUSED(closure))
 {
-    ModuleState *st = module_state_from_type((PyTypeObject *)Py_TYPE(self));
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
     if (st == NULL) {
         return NULL;
     }
@@ -1026,7 +1002,7 @@ sm_get_last_mode(StateManager *self, void *Py_UNUSED(closure))
 static PyObject *
 sm_get_export_stack(StateManager *self, void *Py_UNUSED(closure))
 {
-    ModuleState *st = module_state_from_type((PyTypeObject *)Py_TYPE(self));
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
     if (st == NULL) {
         return NULL;
     }
@@ -1042,7 +1018,7 @@ sm_get_export_stack(StateManager *self, void *Py_UNUSED(closure))
 static PyObject *
 sm_get_last_metadata(StateManager *self, void *Py_UNUSED(closure))
 {
-    ModuleState *st = module_state_from_type((PyTypeObject *)Py_TYPE(self));
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
     if (st == NULL) {
         return NULL;
     }
@@ -1060,7 +1036,7 @@ sm_get_last_metadata(StateManager *self, void *Py_UNUSED(closure))
 static PyObject *
 sm_get_last_config(StateManager *self, void *Py_UNUSED(closure))
 {
-    ModuleState *st = module_state_from_type((PyTypeObject *)Py_TYPE(self));
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
     if (st == NULL) {
         return NULL;
     }
