@@ -41,7 +41,7 @@ instance_dict(PyObject *obj)
 {
     PyObject *dict = PyObject_GenericGetDict(obj, NULL);
     if (dict == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
-        PyErr_Clear();
+        PyErr_Clear(); /* no instance __dict__: the documented "NULL without error" */
     }
     return dict;
 }
