@@ -68,19 +68,19 @@ atomic_file_start_writeback(AtomicFile *af)
     pthread_condattr_t attr;
     int have_attr = 0, have_mu = 0, have_cv = 0;
     if (f == NULL) {
-        goto fail;
+        goto undo;
     }
     f->fd = af->fd;
     if (pthread_mutex_init(&f->mu, NULL) != 0) {
-        goto fail;
+        goto undo;
     }
     have_mu = 1;
     if (pthread_condattr_init(&attr) != 0) {
-        goto fail;
+        goto undo;
     }
     have_attr = 1;
     if (pthread_condattr_setclock(&attr, CLOCK_MONOTONIC) != 0 || pthread_cond_init(&f->wake, &attr) != 0) {
-        goto fail;
+        goto undo;
     }
     have_cv = 1;
     /* the thread takes no signals: they stay with the interpreter's threads */
@@ -90,13 +90,13 @@ atomic_file_start_writeback(AtomicFile *af)
     int rc = pthread_create(&f->thread, NULL, flusher_main, f);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0) {
-        goto fail;
+        goto undo;
     }
     pthread_condattr_destroy(&attr);
     af->flusher = f;
     errno = saved;
     return;
-fail:
+undo:
     if (have_cv) {
         pthread_cond_destroy(&f->wake);
     }

@@ -17,46 +17,36 @@
 /* Raise OSError(err) for writing `path` (the target, not our temp name: that is the
  * path the user knows).  A full disk or a file-size limit says so in words, and that
  * the old file is unchanged; the exception set before (torch's), if any, becomes the
- * new one's cause. */
+ * new one's __cause__. */
 static void
 raise_write_error(int err, PyObject *path)
 {
-    PyObject *ctype = NULL, *cause = NULL, *ctb = NULL;
-    PyErr_Fetch(&ctype, &cause, &ctb);
-    PyErr_NormalizeException(&ctype, &cause, &ctb);
-    if (cause != NULL && ctb != NULL) {
-        PyException_SetTraceback(cause, ctb);
-    }
-    Py_XDECREF(ctype);
-    Py_XDECREF(ctb);
     const char *what = err == ENOSPC   ? "no space left on device"
                        : err == EDQUOT ? "disk quota exceeded"
                        : err == EFBIG  ? "file too large (the process's file-size limit, ulimit -f)"
                                        : NULL;
+    PyObject *cause = PyErr_GetRaisedException(), *msg = NULL, *exc = NULL;
+
     if (what == NULL) {
         errno = err;
         PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
     }
-    else {
-        PyObject *msg = PyUnicode_FromFormat("%s while writing the checkpoint; the old file is unchanged", what);
-        PyObject *exc = msg != NULL ? PyObject_CallFunction(PyExc_OSError, "iOO", err, msg, path) : NULL;
-        if (exc != NULL) {
-            PyErr_SetObject(PyExc_OSError, exc);
-            Py_DECREF(exc);
-        }
-        Py_XDECREF(msg);
+    else if ((msg = PyUnicode_FromFormat("%s while writing the checkpoint; the old file is unchanged", what)) != NULL &&
+             (exc = PyObject_CallFunction(PyExc_OSError, "iOO", err, msg, path)) != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
     }
     if (cause != NULL) {
-        PyObject *type = NULL, *exc = NULL, *tb = NULL;
-        PyErr_Fetch(&type, &exc, &tb);
-        PyErr_NormalizeException(&type, &exc, &tb);
-        if (exc != NULL) {
-            PyException_SetCause(exc, Py_NewRef(cause));
-            PyException_SetContext(exc, Py_NewRef(cause));
+        /* the new error (or the error of making it) gets torch's as its cause */
+        PyObject *raised = PyErr_GetRaisedException();
+        if (raised != NULL) {
+            PyException_SetCause(raised, Py_NewRef(cause));
+            PyException_SetContext(raised, Py_NewRef(cause));
+            PyErr_SetRaisedException(raised);
         }
-        PyErr_Restore(type, exc, tb);
-        Py_DECREF(cause);
     }
+    Py_XDECREF(cause);
+    Py_XDECREF(msg);
+    Py_XDECREF(exc);
 }
 
 /* Why torch.save failed, when the file system says so: torch reports a failed write
@@ -97,10 +87,10 @@ save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObje
     Py_END_ALLOW_THREADS
     if (r < 0) {
         raise_write_error(err, path_obj);
-        goto error;
+        goto done;
     }
     if ((tmp_obj = PyUnicode_DecodeFSDefault(af.tmp)) == NULL || (args = PyTuple_Pack(2, obj, tmp_obj)) == NULL) {
-        goto error;
+        goto done;
     }
     if ((res = PyObject_Call(cs->torch_save, args, kwargs)) == NULL) {
         if (PyErr_ExceptionMatches(PyExc_RuntimeError) || PyErr_ExceptionMatches(PyExc_OSError)) {
@@ -108,7 +98,7 @@ save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObje
                 raise_write_error(err, path_obj);
             }
         }
-        goto error;
+        goto done;
     }
     Py_BEGIN_ALLOW_THREADS
     r = atomic_file_commit(&af);
@@ -116,10 +106,10 @@ save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObje
     Py_END_ALLOW_THREADS
     if (r < 0) {
         raise_write_error(err, path_obj);
-        goto error;
+        goto done;
     }
     result = Py_NewRef(Py_None);
-error:
+done:
     atomic_file_close(&af);
     Py_XDECREF(encoded);
     Py_XDECREF(tmp_obj);
@@ -128,60 +118,15 @@ error:
     return result;
 }
 
-/* torch.save(obj, path) through the crash-safe writer (the CLI's convert). */
+/* torch.save(obj, path, **kwargs) through the crash-safe writer (save, the CLI's convert). */
 PyObject *
-ckpt_save_torch_file(ModuleState *st, PyObject *path, PyObject *obj)
+ckpt_save_torch_file(ModuleState *st, PyObject *path, PyObject *obj, PyObject *kwargs)
 {
-    PyObject *fspath = PyOS_FSPath(path);
-    if (fspath == NULL) {
-        return NULL;
+    PyObject *fspath = PyOS_FSPath(path), *result = NULL;
+    if (fspath != NULL) {
+        result = save_torch_atomic(&st->ckpt, fspath, obj, kwargs);
     }
-    PyObject *result = save_torch_atomic(&st->ckpt, fspath, obj, NULL);
-    Py_DECREF(fspath);
-    return result;
-}
-
-PyObject *
-ckpt_save(ModuleState *st, PyObject *const *call)
-{
-    PyObject *f = call[0], *state = call[1], *weights = call[2], *format = call[3], *kwargs = call[4];
-    PyObject *fmt = NULL, *path = NULL, *ckpt = NULL, *args = NULL, *res = NULL, *result = NULL;
-
-    PyObject *fmt_args[2] = {f, format};
-    if ((fmt = runtime_call(st, "checkpoint_format", fmt_args, 2)) == NULL) {
-        goto error;
-    }
-    if (!PyUnicode_Check(fmt)) {
-        PyErr_Format(PyExc_TypeError, "checkpoint_format returned a %.200s, not a str", Py_TYPE(fmt)->tp_name);
-        goto error;
-    }
-    if (PyUnicode_CompareWithASCIIString(fmt, "safetensors") == 0) {
-        PyObject *st_args[4] = {f, weights, state, kwargs};
-        result = runtime_call(st, "save_safetensors", st_args, 4);
-        goto error;
-    }
-    if ((ckpt = PyDict_New()) == NULL || PyDict_SetItem(ckpt, st->s_modelopt_state, state) < 0 ||
-        PyDict_SetItem(ckpt, st->s_model_state_dict, weights) < 0) {
-        goto error;
-    }
-    path = PyOS_FSPath(f);
-    if (path == NULL) {
-        /* a file object: written directly (it has no folder to stage in) */
-        PyErr_Clear();
-        if ((args = PyTuple_Pack(2, ckpt, f)) == NULL ||
-            (res = PyObject_Call(st->ckpt.torch_save, args, kwargs)) == NULL) {
-            goto error;
-        }
-        result = Py_NewRef(Py_None);
-        goto error;
-    }
-    result = save_torch_atomic(&st->ckpt, path, ckpt, kwargs);
-error:
-    Py_XDECREF(fmt);
-    Py_XDECREF(path);
-    Py_XDECREF(ckpt);
-    Py_XDECREF(args);
-    Py_XDECREF(res);
+    Py_XDECREF(fspath);
     return result;
 }
 
@@ -197,17 +142,17 @@ bridge_handle(CheckpointState *cs, PyObject *tensor)
 
     if ((detached = PyObject_CallMethodNoArgs(tensor, cs->s_detach)) == NULL ||
         (capsule = PyObject_CallMethodNoArgs(detached, cs->s_dlpack)) == NULL) {
-        goto error;
+        goto done;
     }
     void *dlm = PyCapsule_GetPointer(capsule, "dltensor");
     if (dlm == NULL || PyCapsule_SetName(capsule, "used_dltensor") < 0) {
-        goto error;
+        goto done;
     }
     if (atb_from_dlpack(dlm, &handle, &err) < 0) {
         PyErr_Format(PyExc_RuntimeError, "ATen could not take the tensor: %s", err.msg);
         handle = NULL;
     }
-error:
+done:
     Py_XDECREF(detached);
     Py_XDECREF(capsule);
     return handle;
@@ -239,7 +184,7 @@ copy_in_place(CheckpointState *cs, PyObject *dst, PyObject *src, PyObject *key)
             !PyErr_ExceptionMatches(PyExc_TypeError)) {
             goto done;
         }
-        PyErr_Clear();
+        PyErr_Clear(); /* one of the three checked above: DLPack cannot carry it, torch's copy_ can */
         r = torch_copy(cs, dst, src);
         goto done;
     }
@@ -272,28 +217,28 @@ ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObje
     /* every key, shape, dtype and kind is checked there before the first byte moves;
      * models with their own (save or load) logic are loaded there by torch's loader */
     PyObject *args[3] = {model, state_dict, source};
-    if ((plan = runtime_call(st, "plan_load", args, 3)) == NULL) {
-        goto error;
+    if ((plan = runtime_call(st, CB_PLAN_LOAD, args, 3)) == NULL) {
+        goto done;
     }
     if (plan == Py_None) {
         result = 0;
-        goto error;
+        goto done;
     }
     if (!PyList_Check(plan)) {
         PyErr_Format(PyExc_TypeError, "_runtime.plan_load returned a %.200s, not a list", Py_TYPE(plan)->tp_name);
-        goto error;
+        goto done;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(plan); i++) {
         PyObject *item = PyList_GET_ITEM(plan, i);
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4 || !PyLong_Check(PyTuple_GET_ITEM(item, 3))) {
             PyErr_Format(PyExc_TypeError, "_runtime.plan_load: entry %zd is not (key, dst, src, how)", i);
-            goto error;
+            goto done;
         }
         PyObject *key = PyTuple_GET_ITEM(item, 0), *dst = PyTuple_GET_ITEM(item, 1),
                  *src = PyTuple_GET_ITEM(item, 2);
         long how = PyLong_AsLong(PyTuple_GET_ITEM(item, 3));
         if (how == -1 && PyErr_Occurred()) {
-            goto error;
+            goto done;
         }
         /* hold the entry: a copy_ may run Python code that drops the plan's references */
         Py_INCREF(item);
@@ -301,7 +246,7 @@ ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObje
         if (how == LOAD_ASSIGN) {
             /* nothing to copy into (meta model): the file's tensor becomes the model's */
             PyObject *assign_args[3] = {model, key, src};
-            res = runtime_call(st, "assign_tensor", assign_args, 3);
+            res = runtime_call(st, CB_ASSIGN_TENSOR, assign_args, 3);
             r = res == NULL ? -1 : 0;
             Py_CLEAR(res);
         }
@@ -313,11 +258,11 @@ ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObje
         }
         Py_DECREF(item);
         if (r < 0) {
-            goto error;
+            goto done;
         }
     }
     result = 0;
-error:
+done:
     Py_XDECREF(plan);
     Py_XDECREF(res);
     return result;
@@ -336,13 +281,10 @@ checkpoint_state_init(PyObject *module, CheckpointState *cs)
         return -1;
     }
     cs->torch_save = PyObject_GetAttrString(torch, "save");
-    cs->Tensor = PyObject_GetAttrString(torch, "Tensor");
     Py_DECREF(torch);
-    if (cs->torch_save == NULL || cs->Tensor == NULL ||
+    if (cs->torch_save == NULL ||
         (cs->s_detach = PyUnicode_InternFromString("detach")) == NULL ||
         (cs->s_dlpack = PyUnicode_InternFromString("__dlpack__")) == NULL ||
-        (cs->s_shape = PyUnicode_InternFromString("shape")) == NULL ||
-        (cs->s_is_meta = PyUnicode_InternFromString("is_meta")) == NULL ||
         (cs->s_copy_ = PyUnicode_InternFromString("copy_")) == NULL) {
         return -1;
     }
@@ -353,7 +295,6 @@ int
 checkpoint_state_traverse(CheckpointState *cs, visitproc visit, void *arg)
 {
     Py_VISIT(cs->torch_save);
-    Py_VISIT(cs->Tensor);
     return 0;
 }
 
@@ -361,10 +302,7 @@ void
 checkpoint_state_clear(CheckpointState *cs)
 {
     Py_CLEAR(cs->torch_save);
-    Py_CLEAR(cs->Tensor);
     Py_CLEAR(cs->s_detach);
     Py_CLEAR(cs->s_dlpack);
-    Py_CLEAR(cs->s_shape);
-    Py_CLEAR(cs->s_is_meta);
     Py_CLEAR(cs->s_copy_);
 }

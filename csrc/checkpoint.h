@@ -6,11 +6,8 @@
 
 typedef struct {
     PyObject *torch_save;     /* torch.save */
-    PyObject *Tensor;         /* torch.Tensor */
     PyObject *s_detach;
     PyObject *s_dlpack;       /* "__dlpack__" */
-    PyObject *s_shape;
-    PyObject *s_is_meta;
     PyObject *s_copy_;
 } CheckpointState;
 

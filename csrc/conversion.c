@@ -1,9 +1,8 @@
-/* The conversion functions of SPEC §6: apply_mode, modelopt_state,
- * restore_from_modelopt_state, load_modelopt_state, get_mode, save, restore.
- * They drive the state manager; modes, configs and torch I/O are called, not copied. */
+/* The bookkeeping of SPEC §6: apply_mode, modelopt_state, get_mode, and the
+ * transactional replay under restore / restore_from_modelopt_state (whose file
+ * handling is modelopt_c/checkpoint.py's).  They drive the state manager; modes and
+ * configs are called through the callbacks of module_state.h, never copied. */
 #include "state_manager.h"
-
-#define GET_STATE(module) ModuleState *st = module_state(module)
 
 /* A new reference to the model itself, or to a ModelLikeModule holding its recipe. */
 static PyObject *
@@ -13,13 +12,13 @@ as_module(ModuleState *st, PyObject *model)
     if (is_module < 0) {
         return NULL;
     }
-    return is_module ? Py_NewRef(model) : runtime_call(st, "as_module", &model, 1);
+    return is_module ? Py_NewRef(model) : runtime_call(st, CB_AS_MODULE, &model, 1);
 }
 
 static int
 is_model_like(ModuleState *st, PyObject *model)
 {
-    PyObject *res = runtime_call(st, "is_model_like", &model, 1);
+    PyObject *res = runtime_call(st, CB_IS_MODEL_LIKE, &model, 1);
     if (res == NULL) {
         return -1;
     }
@@ -47,7 +46,7 @@ unwrap(ModuleState *st, PyObject *model, const char *how)
         return NULL;
     }
     PyObject *args[2] = {model, how_obj};
-    PyObject *result = runtime_call(st, "unwrap", args, 2);
+    PyObject *result = runtime_call(st, CB_UNWRAP, args, 2);
     Py_DECREF(how_obj);
     return result;
 }
@@ -57,7 +56,7 @@ static PyObject *
 prepare_model_for(ModuleState *st, PyObject *model, PyObject *descriptor)
 {
     PyObject *args[2] = {model, descriptor};
-    PyObject *result = runtime_call(st, "prepare_model_for", args, 2);
+    PyObject *result = runtime_call(st, CB_PREPARE_MODEL_FOR, args, 2);
     Py_DECREF(model);
     return result;
 }
@@ -139,18 +138,6 @@ unpack_convert_result(ModuleState *st, PyObject *result, PyObject *descriptor, P
     return Py_NewRef(model);
 }
 
-/* Remove state this call created, so a failed call leaves the model as it came. */
-static void
-drop_fresh_state(ModuleState *st, PyObject *model)
-{
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    if (PyObject_DelAttr(model, st->s_state_key) < 0 || PyObject_DelAttr(model, st->s_version_key) < 0) {
-        PyErr_Clear();
-    }
-    PyErr_Restore(type, value, tb);
-}
-
 PyDoc_STRVAR(apply_mode_doc,
 "apply_mode(model, mode, registry=None, init_state=None, mode_kwargs=None) -> nn.Module\n\n"
 "Apply modes to a model, record them in its modelopt state, and return the model.\n\n"
@@ -163,149 +150,181 @@ PyDoc_STRVAR(apply_mode_doc,
 "Every mode and config is checked before the model is touched: an unknown mode\n"
 "(KeyError) or an invalid config (pydantic ValidationError) changes nothing.");
 
-static PyObject *
-conversion_apply_mode(PyObject *module, PyObject *args, PyObject *kwargs)
+/* Resolve every mode of the user's `mode` argument and validate every config, before
+ * the model is touched: *descriptors, *configs (new lists) and *kwargs_list (one dict
+ * per mode).  0, or -1 with nothing set. */
+static int
+resolve_modes(ModuleState *st, PyObject *mode, PyObject *registry, PyObject *mode_kwargs, PyObject **descriptors,
+              PyObject **configs, PyObject **kwargs_list)
 {
-    static char *kwlist[] = {"model", "mode", "registry", "init_state", "mode_kwargs", NULL};
-    PyObject *model_arg, *mode, *registry = Py_None, *init_state = Py_None, *mode_kwargs = Py_None;
-    PyObject *model = NULL, *unwrapped = NULL, *modes = NULL, *descriptors = NULL, *configs = NULL,
-             *kwargs_list = NULL, *descriptor = NULL, *config = NULL, *convert = NULL, *res = NULL,
-             *empty = NULL, *result = NULL;
-    StateManager *sm = NULL;
-    int fresh = 0, converted_any = 0;
+    PyObject *modes = NULL, *descs = NULL, *confs = NULL, *kwl = NULL, *descriptor = NULL, *config = NULL;
+    int result = -1;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|OOO:apply_mode", kwlist, &model_arg, &mode, &registry,
-                                     &init_state, &mode_kwargs)) {
-        return NULL;
-    }
-    GET_STATE(module);
-    if ((model = as_module(st, model_arg)) == NULL) {
-        goto error;
-    }
-    int no_mode = PyObject_Not(mode);
-    if (no_mode < 0) {
-        goto error;
-    }
-    if (no_mode) {
-        result = init_if_model_like(st, model);
-        goto error;
-    }
-    if ((unwrapped = unwrap(st, model, "force")) == NULL) {
-        goto error;
-    }
-    Py_SETREF(model, unwrapped);
-    unwrapped = NULL;
-    if ((modes = runtime_call(st, "get_mode_config", &mode, 1)) == NULL) {
-        goto error;
+    if ((modes = runtime_call(st, CB_GET_MODE_CONFIG, &mode, 1)) == NULL) {
+        goto done;
     }
     if (!PyList_Check(modes)) {
         PyErr_Format(PyExc_TypeError, "get_mode_config returned a %.200s, not a list", Py_TYPE(modes)->tp_name);
-        goto error;
+        goto done;
     }
     Py_ssize_t n = PyList_GET_SIZE(modes);
-    if ((kwargs_list = per_mode_kwargs(mode_kwargs, n)) == NULL || (descriptors = PyList_New(n)) == NULL ||
-        (configs = PyList_New(n)) == NULL) {
-        goto error;
+    if ((kwl = per_mode_kwargs(mode_kwargs, n)) == NULL || (descs = PyList_New(n)) == NULL ||
+        (confs = PyList_New(n)) == NULL) {
+        goto done;
     }
-    /* Resolve every mode and validate every config before touching the model. */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *pair = PyList_GET_ITEM(modes, i);
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
             PyErr_Format(PyExc_TypeError, "get_mode_config entry %zd is a %.200s, not a (mode, config) pair", i,
                          Py_TYPE(pair)->tp_name);
-            goto error;
+            goto done;
         }
         PyObject *m = PyTuple_GET_ITEM(pair, 0);
-        if (registry != Py_None) {
-            descriptor = PyObject_GetItem(registry, m);
-        }
-        else {
-            descriptor = sm_descriptor(st, m);
-        }
+        descriptor = registry != Py_None ? PyObject_GetItem(registry, m) : sm_descriptor(st, m);
         if (descriptor == NULL || (config = sm_config_object(st, descriptor, PyTuple_GET_ITEM(pair, 1))) == NULL) {
-            goto error;
+            goto done;
         }
-        PyList_SET_ITEM(descriptors, i, descriptor);
-        PyList_SET_ITEM(configs, i, config);
+        PyList_SET_ITEM(descs, i, descriptor);
+        PyList_SET_ITEM(confs, i, config);
         descriptor = config = NULL;
     }
+    *descriptors = Py_NewRef(descs);
+    *configs = Py_NewRef(confs);
+    *kwargs_list = Py_NewRef(kwl);
+    result = 0;
+done:
+    Py_XDECREF(modes);
+    Py_XDECREF(descs);
+    Py_XDECREF(confs);
+    Py_XDECREF(kwl);
+    Py_XDECREF(descriptor);
+    Py_XDECREF(config);
+    return result;
+}
 
-    int init;
-    if (init_state == Py_None) {
-        int converted = sm_is_converted(st, model, 0);
-        if (converted < 0) {
-            goto error;
-        }
-        init = !converted;
-    }
-    else if ((init = PyObject_IsTrue(init_state)) < 0) {
-        goto error;
-    }
-    if ((sm = sm_new(st, model, init)) == NULL) {
-        goto error;
-    }
-    fresh = init;
-    if (sm_update_last(st, sm, model, st->s_update_for_new_mode) < 0) {
-        goto error;
-    }
-    if ((empty = PyTuple_New(0)) == NULL) {
-        goto error;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *d = PyList_GET_ITEM(descriptors, i), *metadata;
-        PyObject *mode_config = PyList_GET_ITEM(configs, i);
+/* Run each mode's convert on `model` (a new reference, stolen) and record it in `sm`;
+ * the converted model (new reference) or NULL.  *converted_any says whether a convert
+ * ran (then the state is the modes' to keep, even on failure). */
+static PyObject *
+convert_modes(ModuleState *st, StateManager *sm, PyObject *model, PyObject *descriptors, PyObject *configs,
+              PyObject *kwargs_list, int *converted_any)
+{
+    PyObject *convert = NULL, *call_args = NULL, *res = NULL, *result = NULL;
+
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(descriptors); i++) {
+        PyObject *d = PyList_GET_ITEM(descriptors, i), *mode_config = PyList_GET_ITEM(configs, i), *metadata;
         /* each mode gets what it declares: the recipe holder, or the built model */
-        if ((model = prepare_model_for(st, model, d)) == NULL || sm_check_mode(st, sm, d) < 0 ||
-            (convert = PyObject_GetAttr(d, st->s_convert)) == NULL) {
-            goto error;
+        PyObject *prepared = NULL;
+        PyObject *prep_args[2] = {model, d};
+        if ((prepared = runtime_call(st, CB_PREPARE_MODEL_FOR, prep_args, 2)) == NULL) {
+            goto done;
         }
-        PyObject *call_args = PyTuple_Pack(2, model, mode_config);
-        if (call_args == NULL) {
-            goto error;
+        Py_SETREF(model, prepared);
+        if (sm_check_mode(st, sm, d) < 0 || (convert = PyObject_GetAttr(d, st->s_convert)) == NULL ||
+            (call_args = PyTuple_Pack(2, model, mode_config)) == NULL) {
+            goto done;
         }
-        converted_any = 1;
-        res = PyObject_Call(convert, call_args, PyList_GET_ITEM(kwargs_list, i));
-        Py_DECREF(call_args);
-        if (res == NULL) {
-            goto error;
+        *converted_any = 1;
+        if ((res = PyObject_Call(convert, call_args, PyList_GET_ITEM(kwargs_list, i))) == NULL) {
+            goto done;
         }
         PyObject *new_model = unpack_convert_result(st, res, d, &metadata);
         if (new_model == NULL) {
-            goto error;
+            goto done;
         }
         Py_SETREF(model, new_model);
         if (sm_add_mode(st, sm, d, mode_config, metadata) < 0) {
-            goto error;
+            goto done;
         }
         Py_CLEAR(convert);
+        Py_CLEAR(call_args);
         Py_CLEAR(res);
     }
-    if (PyList_GET_SIZE(sm->state) == 0) {
-        PyObject *built = init_if_model_like(st, model);
-        if (built == NULL) {
-            goto error;
-        }
-        Py_SETREF(model, built);
-    }
-    if (ensure_not_model_like(st, model) < 0) {
-        goto error;
-    }
     result = Py_NewRef(model);
-error:
-    if (result == NULL && fresh && !converted_any && model != NULL && sm != NULL) {
-        drop_fresh_state(st, model);
+done:
+    Py_XDECREF(model);
+    Py_XDECREF(convert);
+    Py_XDECREF(call_args);
+    Py_XDECREF(res);
+    return result;
+}
+
+/* New reference: the model a finished apply/restore returns.  With no mode recorded, a
+ * holder is built; a holder left over is an error (SPEC §6). */
+static PyObject *
+finish_model(ModuleState *st, StateManager *sm, PyObject *model)
+{
+    PyObject *built = NULL;
+    if (PyList_GET_SIZE(sm->state) == 0) {
+        built = init_if_model_like(st, model);
+    }
+    else {
+        built = Py_NewRef(model);
+    }
+    if (built != NULL && ensure_not_model_like(st, built) < 0) {
+        Py_CLEAR(built);
+    }
+    return built;
+}
+
+static PyObject *
+conversion_apply_mode(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"model", "mode", "registry", "init_state", "mode_kwargs", NULL};
+    PyObject *model_arg, *mode, *registry = Py_None, *init_state = Py_None, *mode_kwargs = Py_None;
+    PyObject *model = NULL, *unwrapped = NULL, *descriptors = NULL, *configs = NULL, *kwargs_list = NULL,
+             *converted = NULL, *result = NULL;
+    StateManager *sm = NULL;
+    int init = 0, converted_any = 0;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|OOO:apply_mode", kwlist, &model_arg, &mode, &registry,
+                                     &init_state, &mode_kwargs)) {
+        return NULL;
+    }
+    ModuleState *st = module_state(module);
+    if ((model = as_module(st, model_arg)) == NULL) {
+        goto done;
+    }
+    int no_mode = PyObject_Not(mode);
+    if (no_mode != 0) {
+        result = no_mode < 0 ? NULL : init_if_model_like(st, model);
+        goto done;
+    }
+    if ((unwrapped = unwrap(st, model, "force")) == NULL ||
+        resolve_modes(st, mode, registry, mode_kwargs, &descriptors, &configs, &kwargs_list) < 0) {
+        goto done;
+    }
+    if (init_state == Py_None) {
+        int is_converted = sm_is_converted(st, unwrapped, 0);
+        if (is_converted < 0) {
+            goto done;
+        }
+        init = !is_converted;
+    }
+    else if ((init = PyObject_IsTrue(init_state)) < 0) {
+        init = 0;
+        goto done;
+    }
+    if ((sm = sm_new(st, unwrapped, init)) == NULL) {
+        init = 0; /* nothing was created */
+        goto done;
+    }
+    if (sm_update_last(st, sm, unwrapped, st->s_update_for_new_mode) < 0 ||
+        (converted = convert_modes(st, sm, Py_NewRef(unwrapped), descriptors, configs, kwargs_list,
+                                   &converted_any)) == NULL) {
+        goto done;
+    }
+    result = finish_model(st, sm, converted);
+done:
+    if (result == NULL && init && !converted_any && sm != NULL) {
+        sm_drop_state(st, unwrapped); /* the state this call created */
     }
     Py_XDECREF(model);
     Py_XDECREF(unwrapped);
-    Py_XDECREF(modes);
     Py_XDECREF(descriptors);
     Py_XDECREF(configs);
     Py_XDECREF(kwargs_list);
-    Py_XDECREF(descriptor);
-    Py_XDECREF(config);
-    Py_XDECREF(convert);
-    Py_XDECREF(res);
-    Py_XDECREF(empty);
+    Py_XDECREF(converted);
     Py_XDECREF(sm);
     return result;
 }
@@ -317,37 +336,37 @@ conversion_modelopt_state_impl(ModuleState *st, PyObject *model_arg)
     StateManager *sm = NULL;
 
     if ((model = unwrap(st, model_arg, "force")) == NULL) {
-        goto error;
+        goto done;
     }
     int converted = sm_is_converted(st, model, 0);
     if (converted < 0 || (sm = sm_new(st, converted ? model : NULL, 0)) == NULL ||
         sm_update_last(st, sm, model, st->s_update_for_save) < 0 || (kept = PyList_New(0)) == NULL) {
-        goto error;
+        goto done;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(sm->state); i++) {
         PyObject *entry = PyList_GET_ITEM(sm->state, i);
         if (!PyTuple_Check(entry) && !PyList_Check(entry)) {
             PyErr_Format(PyExc_ValueError, "modelopt state entry %zd is a %.200s, not a (mode, state) pair", i,
                          Py_TYPE(entry)->tp_name);
-            goto error;
+            goto done;
         }
         if ((descriptor = sm_descriptor(st, PySequence_Fast_GET_ITEM(entry, 0))) == NULL ||
             (flag = PyObject_GetAttr(descriptor, st->s_save_mode_in_state)) == NULL) {
-            goto error;
+            goto done;
         }
         int keep = PyObject_IsTrue(flag);
         if (keep < 0 || (keep && PyList_Append(kept, entry) < 0)) {
-            goto error;
+            goto done;
         }
         Py_CLEAR(descriptor);
         Py_CLEAR(flag);
     }
-    if ((version = runtime_call(st, "state_version", NULL, 0)) == NULL ||
+    if ((version = runtime_call(st, CB_STATE_VERSION, NULL, 0)) == NULL ||
         (result = PyDict_New()) == NULL || PyDict_SetItem(result, st->s_modelopt_state_dict, kept) < 0 ||
         PyDict_SetItem(result, st->s_modelopt_version, version) < 0) {
         Py_CLEAR(result);
     }
-error:
+done:
     Py_XDECREF(model);
     Py_XDECREF(kept);
     Py_XDECREF(version);
@@ -374,7 +393,7 @@ PyDoc_STRVAR(get_mode_doc, "get_mode(model) -> ModeDescriptor | None\n\nThe last
 static PyObject *
 conversion_get_mode(PyObject *module, PyObject *model)
 {
-    GET_STATE(module);
+    ModuleState *st = module_state(module);
     int converted = sm_is_converted(st, model, 0);
     if (converted <= 0) {
         return converted < 0 ? NULL : Py_NewRef(Py_None);
@@ -393,36 +412,6 @@ conversion_get_mode(PyObject *module, PyObject *model)
     }
     Py_DECREF(sm);
     return result;
-}
-
-static PyObject *
-load_modelopt_state_impl(ModuleState *st, PyObject *path, PyObject *kwargs)
-{
-    PyObject *kw = kwargs != NULL ? PyDict_Copy(kwargs) : PyDict_New();
-    if (kw == NULL) {
-        return NULL;
-    }
-    PyObject *args[2] = {path, kw};
-    PyObject *state = runtime_call(st, "load_modelopt_state_file", args, 2);
-    Py_DECREF(kw);
-    return state;
-}
-
-PyDoc_STRVAR(load_modelopt_state_doc,
-"load_modelopt_state(modelopt_state_path, **kwargs) -> dict\n\n"
-"Load a file written with torch.save(modelopt_state(model), path) safely\n"
-"(weights_only=True, map_location='cpu' unless given) and check its layout:\n"
-"TypeError for a non-dict or wrong types, ValueError for a full checkpoint or\n"
-"missing keys.");
-
-static PyObject *
-conversion_load_modelopt_state(PyObject *module, PyObject *args, PyObject *kwargs)
-{
-    PyObject *path;
-    if (!PyArg_ParseTuple(args, "O:load_modelopt_state", &path)) {
-        return NULL;
-    }
-    return load_modelopt_state_impl(module_state(module), path, kwargs);
 }
 
 /* The layout checks of a modelopt state dict, naming what is wrong. */
@@ -546,33 +535,33 @@ snapshot_modules(ModuleState *st, PyObject *model)
      * nothing but this snapshot references them, so their refcounts free them. */
     int gc_was_enabled = PyGC_Disable();
     if (modules == NULL || filled == NULL || seen == NULL || stack == NULL || PyList_Append(stack, model) < 0) {
-        goto error;
+        goto done;
     }
     while (PyList_GET_SIZE(stack) > 0) {
         Py_ssize_t top = PyList_GET_SIZE(stack) - 1;
         module = Py_NewRef(PyList_GET_ITEM(stack, top));
         if (PyList_SetSlice(stack, top, top + 1, NULL) < 0) {
-            goto error;
+            goto done;
         }
         int known = PySet_Contains(seen, module);
         if (known < 0 || (!known && PySet_Add(seen, module) < 0)) {
-            goto error;
+            goto done;
         }
         if (known) {
             Py_CLEAR(module);
             continue;
         }
         if ((dict = PyObject_GenericGetDict(module, NULL)) == NULL) {
-            goto error;
+            goto done;
         }
         if (!PyDict_Check(dict)) {
             PyErr_Format(PyExc_TypeError, "the __dict__ of a %.200s module is a %.200s", Py_TYPE(module)->tp_name,
                          Py_TYPE(dict)->tp_name);
-            goto error;
+            goto done;
         }
         if ((saved = PyDict_Copy(dict)) == NULL || (untrack(saved), PyList_Append(modules, module) < 0) ||
             PyList_Append(modules, (PyObject *)Py_TYPE(module)) < 0 || PyList_Append(modules, saved) < 0) {
-            goto error;
+            goto done;
         }
         /* iterate our own copy: a container subclass's copy() may run code that edits __dict__ */
         Py_ssize_t pos = 0;
@@ -583,20 +572,20 @@ snapshot_modules(ModuleState *st, PyObject *model)
             }
             if ((copy = container_copy(value)) == NULL || (untrack(copy), PyList_Append(filled, value) < 0) ||
                 PyList_Append(filled, copy) < 0) {
-                goto error;
+                goto done;
             }
             Py_CLEAR(copy);
         }
         Py_CLEAR(saved);
         PyObject *children = PyDict_GetItemWithError(dict, st->s_modules); /* borrowed */
         if (children == NULL && PyErr_Occurred()) {
-            goto error;
+            goto done;
         }
         if (children != NULL && PyDict_Check(children)) {
             pos = 0;
             while (PyDict_Next(children, &pos, &key, &value)) {
                 if (value != Py_None && PyList_Append(stack, value) < 0) {
-                    goto error;
+                    goto done;
                 }
             }
         }
@@ -604,7 +593,7 @@ snapshot_modules(ModuleState *st, PyObject *model)
         Py_CLEAR(module);
     }
     result = PyTuple_Pack(2, modules, filled);
-error:
+done:
     if (gc_was_enabled) {
         PyGC_Enable();
     }
@@ -633,7 +622,7 @@ rollback_snapshot(PyObject *snapshot)
         PyObject *container = PyList_GET_ITEM(filled, i);
         if ((id = PyLong_FromVoidPtr(container)) == NULL || PySet_Add(had_items, id) < 0 ||
             container_refill(container, PyList_GET_ITEM(filled, i + 1)) < 0) {
-            goto error;
+            goto done;
         }
         Py_CLEAR(id);
     }
@@ -647,30 +636,30 @@ rollback_snapshot(PyObject *snapshot)
                 continue;
             }
             if ((id = PyLong_FromVoidPtr(value)) == NULL) {
-                goto error;
+                goto done;
             }
             int had = PySet_Contains(had_items, id);
             Py_CLEAR(id);
             if (had < 0 || (!had && container_clear(value) < 0)) { /* empty at the snapshot */
-                goto error;
+                goto done;
             }
         }
         if ((PyObject *)Py_TYPE(module) != cls && PyObject_SetAttrString(module, "__class__", cls) < 0) {
-            goto error;
+            goto done;
         }
         if ((dict = PyObject_GenericGetDict(module, NULL)) == NULL) {
-            goto error;
+            goto done;
         }
         if (PyDict_Check(dict)) {
             PyDict_Clear(dict);
             if (PyDict_Update(dict, saved) < 0) {
-                goto error;
+                goto done;
             }
         }
         Py_CLEAR(dict);
     }
     result = 0;
-error:
+done:
     Py_XDECREF(had_items);
     Py_XDECREF(id);
     Py_XDECREF(dict);
@@ -682,12 +671,57 @@ error:
 static void
 rollback_modules(PyObject *snapshot)
 {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
+    PyObject *exc = PyErr_GetRaisedException();
     if (rollback_snapshot(snapshot) < 0) {
         PyErr_WriteUnraisable(snapshot);
     }
-    PyErr_Restore(type, value, tb);
+    PyErr_SetRaisedException(exc);
+}
+
+/* Call each mode's restore on `model` (a new reference, stolen), in the order of
+ * `modes` (the manager's modes_with_states iterator); the restored model or NULL. */
+static PyObject *
+restore_modes(ModuleState *st, PyObject *model, PyObject *modes)
+{
+    PyObject *item = NULL, *restore_fn = NULL, *restored = NULL, *result = NULL;
+
+    while ((item = PyIter_Next(modes)) != NULL) {
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
+            PyErr_Format(PyExc_TypeError, "modes_with_states gave a %.200s, not (descriptor, config, metadata)",
+                         Py_TYPE(item)->tp_name);
+            goto done;
+        }
+        PyObject *descriptor = PyTuple_GET_ITEM(item, 0);
+        if ((model = prepare_model_for(st, model, descriptor)) == NULL ||
+            (restore_fn = PyObject_GetAttr(descriptor, st->s_restore)) == NULL) {
+            goto done;
+        }
+        PyObject *call[3] = {model, PyTuple_GET_ITEM(item, 1), PyTuple_GET_ITEM(item, 2)};
+        if ((restored = PyObject_Vectorcall(restore_fn, call, 3, NULL)) == NULL) {
+            goto done;
+        }
+        int is_module = PyObject_IsInstance(restored, st->nn_Module);
+        if (is_module <= 0) {
+            if (is_module == 0) {
+                PyErr_Format(PyExc_TypeError, "restore of mode '%S' returned %.200s; it must return the nn.Module",
+                             descriptor, Py_TYPE(restored)->tp_name);
+            }
+            goto done;
+        }
+        Py_SETREF(model, restored);
+        restored = NULL;
+        Py_CLEAR(restore_fn);
+        Py_CLEAR(item);
+    }
+    if (!PyErr_Occurred()) {
+        result = Py_NewRef(model);
+    }
+done:
+    Py_XDECREF(model);
+    Py_XDECREF(item);
+    Py_XDECREF(restore_fn);
+    Py_XDECREF(restored);
+    return result;
 }
 
 /* Replay the modes of `state` on `model_arg` and, when `weights` is given, load them
@@ -698,7 +732,7 @@ restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state, P
                         PyObject *source)
 {
     PyObject *model = NULL, *snapshot = NULL, *entries = NULL, *version = NULL, *modes = NULL,
-             *restore_fn = NULL, *restored = NULL, *item = NULL, *result = NULL;
+             *restored = NULL, *built = NULL, *result = NULL;
     StateManager *sm = NULL;
 
     int truthy = PyObject_IsTrue(state);
@@ -717,237 +751,66 @@ restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state, P
         (version = PyObject_GetItem(state, st->s_modelopt_version)) == NULL ||
         (sm = sm_new(st, model, 1)) == NULL || sm_load_state_dict(st, sm, entries, version) < 0 ||
         (modes = PyObject_CallMethod((PyObject *)sm, "modes_with_states", NULL)) == NULL) {
-        goto error;
+        goto done;
     }
-    while ((item = PyIter_Next(modes)) != NULL) {
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
-            PyErr_Format(PyExc_TypeError, "modes_with_states gave a %.200s, not (descriptor, config, metadata)",
-                         Py_TYPE(item)->tp_name);
-            goto error;
-        }
-        PyObject *descriptor = PyTuple_GET_ITEM(item, 0);
-        if ((model = prepare_model_for(st, model, descriptor)) == NULL ||
-            (restore_fn = PyObject_GetAttr(descriptor, st->s_restore)) == NULL) {
-            goto error;
-        }
-        PyObject *call[3] = {model, PyTuple_GET_ITEM(item, 1), PyTuple_GET_ITEM(item, 2)};
-        restored = PyObject_Vectorcall(restore_fn, call, 3, NULL);
-        Py_CLEAR(restore_fn);
-        if (restored == NULL) {
-            goto error;
-        }
-        int is_module = PyObject_IsInstance(restored, st->nn_Module);
-        if (is_module <= 0) {
-            if (is_module == 0) {
-                PyErr_Format(PyExc_TypeError, "restore of mode '%S' returned %.200s; it must return the nn.Module",
-                             descriptor, Py_TYPE(restored)->tp_name);
-            }
-            goto error;
-        }
-        Py_SETREF(model, restored);
-        restored = NULL;
-        Py_CLEAR(item);
+    if ((restored = restore_modes(st, Py_NewRef(model), modes)) == NULL ||
+        (built = finish_model(st, sm, restored)) == NULL) {
+        goto done;
     }
-    if (PyErr_Occurred()) {
-        goto error;
-    }
-    if (PyList_GET_SIZE(sm->state) == 0) {
-        PyObject *built = init_if_model_like(st, model);
-        if (built == NULL) {
-            goto error;
-        }
-        Py_SETREF(model, built);
-    }
-    if (ensure_not_model_like(st, model) < 0 ||
-        (weights != NULL && ckpt_load_weights(st, model, weights, source) < 0)) {
-        goto error;
+    Py_SETREF(model, Py_NewRef(built));
+    if (weights != NULL && ckpt_load_weights(st, model, weights, source) < 0) {
+        goto done;
     }
     result = Py_NewRef(model);
-error:
+done:
     if (result == NULL && snapshot != NULL) {
         rollback_modules(snapshot);
     }
+    Py_XDECREF(built);
     Py_XDECREF(model);
     Py_XDECREF(snapshot);
     Py_XDECREF(entries);
     Py_XDECREF(version);
     Py_XDECREF(modes);
-    Py_XDECREF(restore_fn);
     Py_XDECREF(restored);
-    Py_XDECREF(item);
     Py_XDECREF(sm);
     return result;
 }
 
-PyDoc_STRVAR(restore_from_modelopt_state_doc,
-"restore_from_modelopt_state(model, modelopt_state=None, modelopt_state_path=None) -> nn.Module\n\n"
-"Replay the recorded modes on a fresh model: initialise its state, load the given\n"
-"state (every config validates, mode order is checked), then call each mode's\n"
-"restore.  Give exactly one of modelopt_state / modelopt_state_path.  The weights\n"
-"are the model's own; load them afterwards (or use restore()).\n\n"
-"Transactional: when a mode's restore raises, every module of the model gets back its\n"
-"class, attributes, submodules, parameters, buffers, hooks and modelopt state, and the\n"
-"exception is re-raised.  Not undone: tensor data a mode changes in place, and state\n"
-"outside the model's modules (globals, objects a mode mutates rather than replaces).");
+PyDoc_STRVAR(restore_from_state_doc,
+"_restore_from_state(model, modelopt_state, weights=None, source=None) -> nn.Module\n\n"
+"The native half of restore() and restore_from_modelopt_state() (modelopt_c.checkpoint):\n"
+"replay the modes of `modelopt_state` on `model` and, when `weights` is given, copy them\n"
+"into the model's own tensors (checked first; `source` is the file's name for messages).\n"
+"One transaction: on any failure every module of the model gets back its class,\n"
+"attributes, submodules, parameters, buffers, hooks and modelopt state.");
 
 static PyObject *
-conversion_restore_from_modelopt_state(PyObject *module, PyObject *args, PyObject *kwargs)
+conversion_restore_from_state(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"model", "modelopt_state", "modelopt_state_path", NULL};
-    PyObject *model, *state = Py_None, *path = Py_None, *loaded = NULL, *result;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|OO:restore_from_modelopt_state", kwlist, &model, &state,
-                                     &path)) {
+    static char *kwlist[] = {"model", "modelopt_state", "weights", "source", NULL};
+    PyObject *model, *state, *weights = Py_None, *source = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|OO:_restore_from_state", kwlist, &model, &state, &weights,
+                                     &source)) {
         return NULL;
     }
-    GET_STATE(module);
-    if ((state == Py_None) == (path == Py_None)) {
-        PyErr_SetString(PyExc_AssertionError,
-                        "Either modelopt_state or modelopt_state_path must be provided, but not both.");
-        return NULL;
-    }
-    if (path != Py_None) {
-        if ((loaded = load_modelopt_state_impl(st, path, NULL)) == NULL) {
-            return NULL;
-        }
-        state = loaded;
-    }
-    result = restore_from_state_impl(st, model, state, NULL, NULL);
-    Py_XDECREF(loaded);
-    return result;
-}
-
-/* Split off our own keyword `format` from torch's kwargs; new references. */
-static int
-split_format(PyObject *kwargs, PyObject **format, PyObject **rest)
-{
-    *format = NULL;
-    *rest = kwargs != NULL ? PyDict_Copy(kwargs) : PyDict_New();
-    if (*rest == NULL) {
-        return -1;
-    }
-    PyObject *key = PyUnicode_FromString("format");
-    if (key == NULL) {
-        return -1;
-    }
-    int r = PyDict_GetItemRef(*rest, key, format);
-    if (r > 0) {
-        r = PyDict_DelItem(*rest, key);
-    }
-    Py_DECREF(key);
-    if (*format == NULL) {
-        *format = Py_NewRef(Py_None);
-    }
-    return r < 0 ? -1 : 0;
-}
-
-PyDoc_STRVAR(save_doc,
-"save(model, f, *, format=None, **kwargs)\n\n"
-"Save the model's weights with its modelopt state so restore() rebuilds it.\n\n"
-"f: a path or a binary file object.  format: 'torch' (the default; the exact file\n"
-"nvidia-modelopt writes, kwargs go to torch.save) or 'safetensors' (the default for\n"
-"paths ending in .safetensors).  A path is written to a temporary file in the same\n"
-"folder, fsynced and renamed over the target: a crash leaves the old file or the\n"
-"new one, never a broken one.  A wrapped model (DataParallel, DDP, FSDP) is\n"
-"unwrapped with a warning.");
-
-static PyObject *
-conversion_save(PyObject *module, PyObject *args, PyObject *kwargs)
-{
-    PyObject *model_arg, *f, *format = NULL, *rest = NULL, *model = NULL, *state = NULL, *weights = NULL,
-                             *result = NULL;
-    if (!PyArg_ParseTuple(args, "OO:save", &model_arg, &f)) {
-        return NULL;
-    }
-    GET_STATE(module);
-    if (split_format(kwargs, &format, &rest) < 0 || (model = unwrap(st, model_arg, "warn")) == NULL ||
-        (state = conversion_modelopt_state_impl(st, model)) == NULL ||
-        (weights = PyObject_CallMethodNoArgs(model, st->s_state_dict)) == NULL) {
-        goto error;
-    }
-    PyObject *call[5] = {f, state, weights, format, rest};
-    result = ckpt_save(st, call);
-error:
-    Py_XDECREF(format);
-    Py_XDECREF(rest);
-    Py_XDECREF(model);
-    Py_XDECREF(state);
-    Py_XDECREF(weights);
-    return result;
+    return restore_from_state_impl(module_state(module), model, state, weights == Py_None ? NULL : weights, source);
 }
 
 PyDoc_STRVAR(save_torch_file_doc,
-"_save_torch_file(path, obj) -> None\n\n"
-"torch.save(obj, path) through save()'s crash-safe writer (temp file locked while\n"
-"written, fsync, rename, fsync the folder; stale temp files of the folder removed).\n"
-"For the command-line tool.");
+"_save_torch_file(path, obj, **torch_save_kwargs) -> None\n\n"
+"torch.save(obj, path, **torch_save_kwargs) through the crash-safe writer (temp file\n"
+"locked while written, fsync, rename, fsync the folder; stale temp files of the folder\n"
+"removed).  For modelopt_c.checkpoint (save, and the command-line tool's convert).");
 
 static PyObject *
-conversion_save_torch_file(PyObject *module, PyObject *args)
+conversion_save_torch_file(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     PyObject *path, *obj;
     if (!PyArg_ParseTuple(args, "OO:_save_torch_file", &path, &obj)) {
         return NULL;
     }
-    GET_STATE(module);
-    return ckpt_save_torch_file(st, path, obj);
-}
-
-PyDoc_STRVAR(restore_doc,
-"restore(model, f, **kwargs) -> nn.Module\n\n"
-"Load a checkpoint written by save() (either format, told apart by the file's first\n"
-"bytes, not its name; nvidia-modelopt's files too), replay its modes on `model`\n"
-"and copy the weights into the model's own tensors, in place, one by one.\n\n"
-"Safe by default: torch-format files load with weights_only=True semantics (no code\n"
-"from the file runs; pass weights_only=False yourself only for a trusted file), and\n"
-"paths are memory-mapped, so the peak memory is the model plus one tensor.  A model\n"
-"built on the meta device gets its tensors straight from the file.  map_location\n"
-"defaults to 'cpu'.  Every key, shape, dtype and kind is checked before the first byte\n"
-"is copied: RuntimeError in torch's load_state_dict wording listing every offending key\n"
-"and the file; TypeError for tensor subclasses (DTensor: restore the unsharded model).\n"
-"Models with state-dict hooks or their own (load_)state_dict load through their own\n"
-"load_state_dict, from the same mapped tensors.\n"
-"Restore into the unwrapped model (a wrapped one raises ValueError), then wrap it.\n\n"
-"Transactional: when the weights do not fit or a mode's restore raises, every module of\n"
-"the model gets back its class, attributes, submodules, parameters, buffers, hooks and\n"
-"modelopt state, and the exception is re-raised.  Not undone: tensor data a mode's\n"
-"restore changes in place, state outside the model's modules, and copies already made\n"
-"when a copy itself fails midway (after every check passed: e.g. a device error).");
-
-static PyObject *
-conversion_restore(PyObject *module, PyObject *args, PyObject *kwargs)
-{
-    PyObject *model_arg, *f, *model = NULL, *unwrapped = NULL, *kw = NULL, *loaded = NULL, *restored = NULL,
-                             *result = NULL;
-    if (!PyArg_ParseTuple(args, "OO:restore", &model_arg, &f)) {
-        return NULL;
-    }
-    GET_STATE(module);
-    if ((model = as_module(st, model_arg)) == NULL || (unwrapped = unwrap(st, model, "raise")) == NULL ||
-        (kw = kwargs != NULL ? PyDict_Copy(kwargs) : PyDict_New()) == NULL) {
-        goto error;
-    }
-    PyObject *call[2] = {f, kw};
-    if ((loaded = runtime_call(st, "load_checkpoint", call, 2)) == NULL) {
-        goto error;
-    }
-    if (!PyTuple_Check(loaded) || PyTuple_GET_SIZE(loaded) != 2) {
-        PyErr_Format(PyExc_TypeError, "_runtime.load_checkpoint returned a %.200s, not (modelopt_state, weights)",
-                     Py_TYPE(loaded)->tp_name);
-        goto error;
-    }
-    /* the modes are replayed and the weights loaded as one transaction */
-    if ((restored = restore_from_state_impl(st, unwrapped, PyTuple_GET_ITEM(loaded, 0), PyTuple_GET_ITEM(loaded, 1),
-                                            f)) == NULL) {
-        goto error;
-    }
-    result = Py_NewRef(restored);
-error:
-    Py_XDECREF(model);
-    Py_XDECREF(unwrapped);
-    Py_XDECREF(kw);
-    Py_XDECREF(loaded);
-    Py_XDECREF(restored);
-    return result;
+    return ckpt_save_torch_file(module_state(module), path, obj, kwargs);
 }
 
 PyMethodDef conversion_methods[] = {
@@ -955,12 +818,9 @@ PyMethodDef conversion_methods[] = {
      apply_mode_doc},
     {"modelopt_state", (PyCFunction)conversion_modelopt_state, METH_O, modelopt_state_doc},
     {"get_mode", (PyCFunction)conversion_get_mode, METH_O, get_mode_doc},
-    {"load_modelopt_state", (PyCFunction)(void (*)(void))conversion_load_modelopt_state,
-     METH_VARARGS | METH_KEYWORDS, load_modelopt_state_doc},
-    {"restore_from_modelopt_state", (PyCFunction)(void (*)(void))conversion_restore_from_modelopt_state,
-     METH_VARARGS | METH_KEYWORDS, restore_from_modelopt_state_doc},
-    {"save", (PyCFunction)(void (*)(void))conversion_save, METH_VARARGS | METH_KEYWORDS, save_doc},
-    {"restore", (PyCFunction)(void (*)(void))conversion_restore, METH_VARARGS | METH_KEYWORDS, restore_doc},
-    {"_save_torch_file", (PyCFunction)conversion_save_torch_file, METH_VARARGS, save_torch_file_doc},
+    {"_restore_from_state", (PyCFunction)(void (*)(void))conversion_restore_from_state,
+     METH_VARARGS | METH_KEYWORDS, restore_from_state_doc},
+    {"_save_torch_file", (PyCFunction)(void (*)(void))conversion_save_torch_file, METH_VARARGS | METH_KEYWORDS,
+     save_torch_file_doc},
     {NULL, NULL, 0, NULL},
 };

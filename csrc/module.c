@@ -1,5 +1,5 @@
 /* modelopt_c._conversion: multi-phase module init, the module state's life cycle,
- * and the two helpers every file uses to reach the Python glue (_runtime). */
+ * and runtime_call, the one way the core calls Python (the callbacks of module_state.h). */
 #include "module_state.h"
 
 PyDoc_STRVAR(module_doc,
@@ -15,27 +15,34 @@ module_state_from_type(PyTypeObject *type)
     return module == NULL ? NULL : module_state(module);
 }
 
-PyObject *
-runtime_attr(ModuleState *st, const char *name)
-{
-    if (st->runtime == NULL) {
-        st->runtime = PyImport_ImportModule("modelopt_c._runtime");
-        if (st->runtime == NULL) {
-            return NULL;
-        }
-    }
-    return PyObject_GetAttrString(st->runtime, name);
-}
+static const char *const callback_names[CB_COUNT] = {
+    [CB_AS_MODULE] = "as_module",
+    [CB_IS_MODEL_LIKE] = "is_model_like",
+    [CB_PREPARE_MODEL_FOR] = "prepare_model_for",
+    [CB_UNWRAP] = "unwrap",
+    [CB_GET_MODE_CONFIG] = "get_mode_config",
+    [CB_GET_FROM_ANY] = "get_from_any",
+    [CB_GET_REGISTRY_BY_NAME] = "get_registry_by_name",
+    [CB_STATE_VERSION] = "state_version",
+    [CB_PLAN_LOAD] = "plan_load",
+    [CB_ASSIGN_TENSOR] = "assign_tensor",
+};
 
 PyObject *
-runtime_call(ModuleState *st, const char *name, PyObject *const *args, size_t nargs)
+runtime_call(ModuleState *st, Callback cb, PyObject *const *args, size_t nargs)
 {
-    PyObject *func = runtime_attr(st, name);
-    if (func == NULL) {
-        return NULL;
+    PyObject *func = NULL, *result = NULL;
+
+    if (st->runtime == NULL && (st->runtime = PyImport_ImportModule("modelopt_c._runtime")) == NULL) {
+        goto done;
     }
-    PyObject *result = PyObject_Vectorcall(func, args, nargs, NULL);
-    Py_DECREF(func);
+    /* looked up per call, not cached: tests and users may patch _runtime */
+    if ((func = PyObject_GetAttrString(st->runtime, callback_names[cb])) == NULL) {
+        goto done;
+    }
+    result = PyObject_Vectorcall(func, args, nargs, NULL);
+done:
+    Py_XDECREF(func);
     return result;
 }
 
@@ -70,21 +77,15 @@ conversion_exec(PyObject *module)
     INTERN(s_modelopt_state_dict, "modelopt_state_dict");
     INTERN(s_modelopt_version, "modelopt_version");
     INTERN(s_modelopt_state, "modelopt_state");
-    INTERN(s_model_state_dict, "model_state_dict");
-    INTERN(s_name, "name");
     INTERN(s_config_class, "config_class");
     INTERN(s_convert, "convert");
     INTERN(s_restore, "restore");
     INTERN(s_export_mode, "export_mode");
     INTERN(s_is_export_mode, "is_export_mode");
-    INTERN(s_next_modes, "next_modes");
-    INTERN(s_next_prohibited_modes, "next_prohibited_modes");
     INTERN(s_update_for_save, "update_for_save");
     INTERN(s_update_for_new_mode, "update_for_new_mode");
     INTERN(s_save_mode_in_state, "save_mode_in_state");
     INTERN(s_model_dump, "model_dump");
-    INTERN(s_state_dict, "state_dict");
-    INTERN(s_load_state_dict, "load_state_dict");
 
     if ((st->nn_Module = import_attr("torch.nn", "Module")) == NULL ||
         (st->deepcopy = import_attr("copy", "deepcopy")) == NULL ||
@@ -98,6 +99,19 @@ conversion_exec(PyObject *module)
         PyExc_RuntimeError, NULL);
     if (st->ApplyModeError == NULL ||
         PyModule_AddObjectRef(module, "ApplyModeError", st->ApplyModeError) < 0) {
+        return -1;
+    }
+
+    PyObject *bases = PyTuple_Pack(2, PyExc_ValueError, PyExc_RuntimeError);
+    st->CheckpointError = bases == NULL ? NULL : PyErr_NewExceptionWithDoc(
+        "modelopt_c.CheckpointError",
+        "A file that is not a readable checkpoint (not one, truncated, or corrupted).\n\n"
+        "A ValueError (bad input) and, for code written against nvidia-modelopt (where\n"
+        "torch.load raises RuntimeError), a RuntimeError too.",
+        bases, NULL);
+    Py_XDECREF(bases);
+    if (st->CheckpointError == NULL ||
+        PyModule_AddObjectRef(module, "CheckpointError", st->CheckpointError) < 0) {
         return -1;
     }
 
@@ -124,6 +138,7 @@ conversion_traverse(PyObject *module, visitproc visit, void *arg)
     ModuleState *st = module_state(module);
     Py_VISIT(st->StateManagerType);
     Py_VISIT(st->ApplyModeError);
+    Py_VISIT(st->CheckpointError);
     Py_VISIT(st->nn_Module);
     Py_VISIT(st->deepcopy);
     Py_VISIT(st->deque);
@@ -142,6 +157,7 @@ conversion_clear(PyObject *module)
     ModuleState *st = module_state(module);
     Py_CLEAR(st->StateManagerType);
     Py_CLEAR(st->ApplyModeError);
+    Py_CLEAR(st->CheckpointError);
     Py_CLEAR(st->nn_Module);
     Py_CLEAR(st->deepcopy);
     Py_CLEAR(st->deque);
@@ -154,21 +170,15 @@ conversion_clear(PyObject *module)
     Py_CLEAR(st->s_modelopt_state_dict);
     Py_CLEAR(st->s_modelopt_version);
     Py_CLEAR(st->s_modelopt_state);
-    Py_CLEAR(st->s_model_state_dict);
-    Py_CLEAR(st->s_name);
     Py_CLEAR(st->s_config_class);
     Py_CLEAR(st->s_convert);
     Py_CLEAR(st->s_restore);
     Py_CLEAR(st->s_export_mode);
     Py_CLEAR(st->s_is_export_mode);
-    Py_CLEAR(st->s_next_modes);
-    Py_CLEAR(st->s_next_prohibited_modes);
     Py_CLEAR(st->s_update_for_save);
     Py_CLEAR(st->s_update_for_new_mode);
     Py_CLEAR(st->s_save_mode_in_state);
     Py_CLEAR(st->s_model_dump);
-    Py_CLEAR(st->s_state_dict);
-    Py_CLEAR(st->s_load_state_dict);
     codec_state_clear(&st->codec);
     checkpoint_state_clear(&st->ckpt);
     sft_state_clear(&st->sft);

@@ -6,33 +6,13 @@
 #include <errno.h>
 #include <stdarg.h>
 
-/* modelopt_c.CheckpointError, looked up when an error is raised (errors are rare,
- * and the package imports this module before the class exists).  A new reference,
- * or NULL with the lookup failure raised. */
-static PyObject *
-sft_error_type(ModuleState *st)
-{
-    PyObject *type = runtime_attr(st, "CheckpointError");
-    if (type != NULL && (!PyType_Check(type) ||
-                         !PyType_IsSubtype((PyTypeObject *)type, (PyTypeObject *)PyExc_ValueError))) {
-        PyErr_Format(PyExc_TypeError, "modelopt_c._runtime.CheckpointError is a %.100s, not a ValueError subclass",
-                     Py_TYPE(type)->tp_name);
-        Py_CLEAR(type);
-    }
-    return type;
-}
-
-/* Raise `type` or, when it is NULL (the lookup failed, mid-shutdown), a ValueError
- * with the lookup failure as its cause; the message is "<display>: <msg>". */
+/* Raise the module's CheckpointError "<display>: <msg>". */
 static int
-sft_raise(PyObject *type, PyObject *display, PyObject *msg)
+sft_raise(ModuleState *st, PyObject *display, PyObject *msg)
 {
-    if (type == NULL) {
-        return err_chain(PyExc_ValueError, "%U: %U", display, msg);
-    }
     PyObject *text = PyUnicode_FromFormat("%U: %U", display, msg);
     if (text != NULL) {
-        PyErr_SetObject(type, text);
+        PyErr_SetObject(st->CheckpointError, text);
         Py_DECREF(text);
     }
     return -1;
@@ -41,7 +21,7 @@ sft_raise(PyObject *type, PyObject *display, PyObject *msg)
 int
 sft_fail(ModuleState *st, PyObject *display, const char *fmt, ...)
 {
-    PyObject *msg = NULL, *type = NULL;
+    PyObject *msg = NULL;
     va_list ap;
     va_start(ap, fmt);
     msg = PyUnicode_FromFormatV(fmt, ap);
@@ -49,11 +29,9 @@ sft_fail(ModuleState *st, PyObject *display, const char *fmt, ...)
     if (msg == NULL) {
         goto done;
     }
-    type = sft_error_type(st);
-    sft_raise(type, display, msg);
+    sft_raise(st, display, msg);
 done:
     Py_XDECREF(msg);
-    Py_XDECREF(type);
     return -1;
 }
 
@@ -73,7 +51,8 @@ sft_rewrap_type(PyObject *exc, PyObject *ck)
 int
 sft_rewrap(ModuleState *st, PyObject *display, const char *what_fmt, ...)
 {
-    PyObject *exc = PyErr_GetRaisedException(), *what = NULL, *ck = NULL, *msg = NULL, *new_exc = NULL;
+    PyObject *exc = PyErr_GetRaisedException(), *what = NULL, *msg = NULL, *new_exc = NULL;
+    PyObject *ck = st->CheckpointError; /* borrowed */
     if (exc == NULL || PyErr_GivenExceptionMatches(exc, PyExc_OSError) ||
         PyErr_GivenExceptionMatches(exc, PyExc_KeyboardInterrupt)) {
         PyErr_SetRaisedException(exc); /* steals it */
@@ -84,9 +63,6 @@ sft_rewrap(ModuleState *st, PyObject *display, const char *what_fmt, ...)
     what = PyUnicode_FromFormatV(what_fmt, ap);
     va_end(ap);
     if (what == NULL || (msg = PyUnicode_FromFormat("%U: %U: %S", display, what, exc)) == NULL) {
-        goto done;
-    }
-    if ((ck = sft_error_type(st)) == NULL) {
         goto done;
     }
     PyObject *type = sft_rewrap_type(exc, ck);
@@ -111,7 +87,6 @@ done:
     }
     Py_XDECREF(exc);
     Py_XDECREF(what);
-    Py_XDECREF(ck);
     Py_XDECREF(msg);
     Py_XDECREF(new_exc);
     return -1;

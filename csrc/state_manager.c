@@ -41,7 +41,7 @@ instance_dict(PyObject *obj)
 {
     PyObject *dict = PyObject_GenericGetDict(obj, NULL);
     if (dict == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
-        PyErr_Clear();
+        PyErr_Clear(); /* no instance __dict__: the documented "NULL without error" */
     }
     return dict;
 }
@@ -64,18 +64,18 @@ sm_is_converted(ModuleState *st, PyObject *model, int is_root)
     }
     if ((seen = PySet_New(NULL)) == NULL || (stack = PyList_New(0)) == NULL ||
         PyList_Append(stack, model) < 0) {
-        goto error;
+        goto done;
     }
     /* Depth-first walk of `_modules`, as named_modules() does (each module once). */
     while (PyList_GET_SIZE(stack) > 0) {
         Py_ssize_t last = PyList_GET_SIZE(stack) - 1;
         module = Py_NewRef(PyList_GET_ITEM(stack, last));
         if (PyList_SetSlice(stack, last, last + 1, NULL) < 0) {
-            goto error;
+            goto done;
         }
         int dup = PySet_Contains(seen, module);
         if (dup < 0 || (dup == 0 && PySet_Add(seen, module) < 0)) {
-            goto error;
+            goto done;
         }
         if (dup) {
             Py_CLEAR(module);
@@ -83,28 +83,28 @@ sm_is_converted(ModuleState *st, PyObject *model, int is_root)
         }
         dict = instance_dict(module);
         if (dict == NULL && PyErr_Occurred()) {
-            goto error;
+            goto done;
         }
         int has = module_has_state(st, module, dict);
         if (has < 0) {
-            goto error;
+            goto done;
         }
         if (has) {
             if (++found > 1) {
                 PyErr_SetString(PyExc_AssertionError, "Model has multiple modelopt states!");
-                goto error;
+                goto done;
             }
             root_has_state = module == model;
         }
         if (dict != NULL && PyDict_GetItemRef(dict, st->s_modules, &children) < 0) {
-            goto error;
+            goto done;
         }
         if (children != NULL && PyDict_Check(children)) {
             Py_ssize_t pos = 0;
             PyObject *key, *child;
             while (PyDict_Next(children, &pos, &key, &child)) {
                 if (child != Py_None && PyList_Append(stack, child) < 0) {
-                    goto error;
+                    goto done;
                 }
             }
         }
@@ -114,10 +114,10 @@ sm_is_converted(ModuleState *st, PyObject *model, int is_root)
     }
     if (found && is_root && !root_has_state) {
         PyErr_SetString(PyExc_AssertionError, "Model has modelopt state but not the root!");
-        goto error;
+        goto done;
     }
     result = found;
-error:
+done:
     Py_XDECREF(children);
     Py_XDECREF(dict);
     Py_XDECREF(module);
@@ -143,11 +143,11 @@ sm_init(ModuleState *st, StateManager *self, PyObject *model, int init_state)
 
     int falsy = model == NULL ? 1 : PyObject_Not(model);
     if (falsy < 0) {
-        goto error;
+        goto done;
     }
     if (falsy) {
         if ((fake = PyObject_CallNoArgs(st->nn_Module)) == NULL) {
-            goto error;
+            goto done;
         }
         model = fake;
         init_state = 1;
@@ -157,42 +157,42 @@ sm_init(ModuleState *st, StateManager *self, PyObject *model, int init_state)
         int has = PyObject_GetOptionalAttr(model, st->s_state_key, &existing);
         Py_XDECREF(existing);
         if (has < 0) {
-            goto error;
+            goto done;
         }
         if (has) {
             PyErr_SetString(PyExc_AssertionError, "Model already has modelopt state!");
-            goto error;
+            goto done;
         }
-        if ((version = runtime_call(st, "state_version", NULL, 0)) == NULL ||
+        if ((version = runtime_call(st, CB_STATE_VERSION, NULL, 0)) == NULL ||
             (state = PyList_New(0)) == NULL ||
             (version_list = PyList_New(1)) == NULL) {
-            goto error;
+            goto done;
         }
         PyList_SET_ITEM(version_list, 0, Py_NewRef(version));
         if (PyObject_SetAttr(model, st->s_state_key, state) < 0 ||
             PyObject_SetAttr(model, st->s_version_key, version_list) < 0) {
-            goto error;
+            goto done;
         }
         Py_CLEAR(state);
         Py_CLEAR(version_list);
     }
     int converted = sm_is_converted(st, model, 1);
     if (converted < 0) {
-        goto error;
+        goto done;
     }
     if (!converted) {
         PyErr_SetString(PyExc_AssertionError, "Model must have modelopt state!");
-        goto error;
+        goto done;
     }
     if ((state = PyObject_GetAttr(model, st->s_state_key)) == NULL ||
         (version_list = PyObject_GetAttr(model, st->s_version_key)) == NULL) {
-        goto error;
+        goto done;
     }
     Py_XSETREF(self->state, state);
     Py_XSETREF(self->version, version_list);
     state = version_list = NULL;
     result = 0;
-error:
+done:
     Py_XDECREF(fake);
     Py_XDECREF(state);
     Py_XDECREF(version_list);
@@ -271,7 +271,7 @@ sm_dealloc(StateManager *self)
 PyObject *
 sm_descriptor(ModuleState *st, PyObject *mode)
 {
-    return runtime_call(st, "get_from_any", &mode, 1);
+    return runtime_call(st, CB_GET_FROM_ANY, &mode, 1);
 }
 
 PyObject *
@@ -281,7 +281,7 @@ sm_config_object(ModuleState *st, PyObject *mode, PyObject *config)
 
     if ((descriptor = sm_descriptor(st, mode)) == NULL ||
         (cls = PyObject_GetAttr(descriptor, st->s_config_class)) == NULL) {
-        goto error;
+        goto done;
     }
     if (config == Py_None) {
         kwargs = PyDict_New();
@@ -293,16 +293,16 @@ sm_config_object(ModuleState *st, PyObject *mode, PyObject *config)
         Py_CLEAR(kwargs);
         PyErr_Format(PyExc_TypeError, "the config of mode '%S' must be a mapping, got %.200s",
                      descriptor, Py_TYPE(config)->tp_name);
-        goto error;
+        goto done;
     }
     if (kwargs == NULL || (empty = PyTuple_New(0)) == NULL) {
-        goto error;
+        goto done;
     }
     result = PyObject_Call(cls, empty, kwargs);
     if (result == NULL) {
         err_add_note("while validating the config of mode '%S' (%S)", descriptor, cls);
     }
-error:
+done:
     Py_XDECREF(descriptor);
     Py_XDECREF(cls);
     Py_XDECREF(kwargs);
@@ -367,7 +367,7 @@ static PyObject *
 sm_export_stack(ModuleState *st, StateManager *sm)
 {
     PyObject *stack = PyList_New(0), *descriptor = NULL, *export_mode = NULL, *is_export = NULL,
-             *name = NULL, *pair = NULL;
+             *name = NULL, *pair = NULL, *result = NULL;
     if (stack == NULL) {
         return NULL;
     }
@@ -377,21 +377,21 @@ sm_export_stack(ModuleState *st, StateManager *sm)
             (descriptor = sm_descriptor(st, entry_name)) == NULL ||
             (export_mode = PyObject_GetAttr(descriptor, st->s_export_mode)) == NULL ||
             (name = PyObject_Str(descriptor)) == NULL) {
-            goto error;
+            goto done;
         }
         if (export_mode != Py_None) {
             if ((pair = PyTuple_Pack(2, name, export_mode)) == NULL || PyList_Append(stack, pair) < 0) {
-                goto error;
+                goto done;
             }
             Py_CLEAR(pair);
         }
         else {
             if ((is_export = PyObject_GetAttr(descriptor, st->s_is_export_mode)) == NULL) {
-                goto error;
+                goto done;
             }
             int exporting = PyObject_IsTrue(is_export);
             if (exporting < 0) {
-                goto error;
+                goto done;
             }
             if (exporting) {
                 Py_ssize_t n = PyList_GET_SIZE(stack);
@@ -399,14 +399,14 @@ sm_export_stack(ModuleState *st, StateManager *sm)
                                         name, PyTuple_GET_ITEM(PyList_GET_ITEM(stack, n - 1), 1), Py_EQ)
                                   : 0;
                 if (match < 0) {
-                    goto error;
+                    goto done;
                 }
                 if (!match) {
                     PyErr_SetString(PyExc_AssertionError, "Inconsistent export stack!");
-                    goto error;
+                    goto done;
                 }
                 if (PyList_SetSlice(stack, n - 1, n, NULL) < 0) {
-                    goto error;
+                    goto done;
                 }
             }
             Py_CLEAR(is_export);
@@ -415,15 +415,15 @@ sm_export_stack(ModuleState *st, StateManager *sm)
         Py_CLEAR(export_mode);
         Py_CLEAR(name);
     }
-    return stack;
-error:
+    result = Py_NewRef(stack);
+done:
     Py_XDECREF(stack);
     Py_XDECREF(descriptor);
     Py_XDECREF(export_mode);
     Py_XDECREF(is_export);
     Py_XDECREF(name);
     Py_XDECREF(pair);
-    return NULL;
+    return result;
 }
 
 static int
@@ -444,46 +444,46 @@ sm_check_mode(ModuleState *st, StateManager *sm, PyObject *mode)
     if ((descriptor = sm_descriptor(st, mode)) == NULL || (stack = sm_export_stack(st, sm)) == NULL ||
         (is_export = PyObject_GetAttr(descriptor, st->s_is_export_mode)) == NULL ||
         (name = PyObject_Str(descriptor)) == NULL) {
-        goto error;
+        goto done;
     }
     Py_ssize_t depth = PyList_GET_SIZE(stack);
     int exporting = PyObject_IsTrue(is_export);
     if (exporting < 0) {
-        goto error;
+        goto done;
     }
     if (exporting) {
         int match = depth > 0 ? PyObject_RichCompareBool(
                                     name, PyTuple_GET_ITEM(PyList_GET_ITEM(stack, depth - 1), 1), Py_EQ)
                               : 0;
         if (match < 0) {
-            goto error;
+            goto done;
         }
         if (!match) {
             if ((shown = PyObject_CallOneArg(st->deque, stack)) != NULL) {
                 PyErr_Format(PyExc_AssertionError, "Cannot add %U according to the current export stack: %S.",
                              name, shown);
             }
-            goto error;
+            goto done;
         }
     }
     PyObject *last_name, *last_state;
     int has_last = sm_last_entry(st, sm, &last_name, &last_state);
     if (has_last < 0) {
-        goto error;
+        goto done;
     }
     if (has_last) {
         if ((last = sm_descriptor(st, last_name)) == NULL || assert_next_mode(descriptor, last) < 0) {
-            goto error;
+            goto done;
         }
     }
     if (depth > 0) {
         if ((top = sm_descriptor(st, PyTuple_GET_ITEM(PyList_GET_ITEM(stack, depth - 1), 0))) == NULL ||
             assert_next_mode(descriptor, top) < 0) {
-            goto error;
+            goto done;
         }
     }
     result = 0;
-error:
+done:
     Py_XDECREF(descriptor);
     Py_XDECREF(stack);
     Py_XDECREF(is_export);
@@ -506,10 +506,10 @@ sm_add_mode(ModuleState *st, StateManager *sm, PyObject *mode, PyObject *config,
         (mstate = PyDict_New()) == NULL || PyDict_SetItem(mstate, st->s_config, dumped) < 0 ||
         PyDict_SetItem(mstate, st->s_metadata, metadata) < 0 ||
         (entry = PyTuple_Pack(2, name, mstate)) == NULL || PyList_Append(sm->state, entry) < 0) {
-        goto error;
+        goto done;
     }
     result = 0;
-error:
+done:
     Py_XDECREF(descriptor);
     Py_XDECREF(name);
     Py_XDECREF(dumped);
@@ -535,16 +535,16 @@ sm_update_last(ModuleState *st, StateManager *sm, PyObject *model, PyObject *ent
         (descriptor = sm_descriptor(st, name)) == NULL ||
         (config = sm_config_object(st, name, cfg_dict)) == NULL ||
         (fn = PyObject_GetAttr(descriptor, entry_point)) == NULL) {
-        goto error;
+        goto done;
     }
     PyObject *args[3] = {model, config, metadata};
     if ((res = PyObject_Vectorcall(fn, args, 3, NULL)) == NULL ||
         (dumped = PyObject_CallMethodNoArgs(config, st->s_model_dump)) == NULL ||
         PyDict_SetItem(mstate, st->s_config, dumped) < 0) {
-        goto error;
+        goto done;
     }
     result = 0;
-error:
+done:
     Py_DECREF(mstate);
     Py_XDECREF(cfg_dict);
     Py_XDECREF(metadata);
@@ -564,7 +564,7 @@ versions_differ(PyObject *a, PyObject *b)
     int result = -1;
     if ((dot = PyUnicode_FromString(".")) == NULL || (pa = PyUnicode_Split(a, dot, 2)) == NULL ||
         (pb = PyUnicode_Split(b, dot, 2)) == NULL) {
-        goto error;
+        goto done;
     }
     Py_ssize_t na = PyList_GET_SIZE(pa) < 2 ? PyList_GET_SIZE(pa) : 2;
     Py_ssize_t nb = PyList_GET_SIZE(pb) < 2 ? PyList_GET_SIZE(pb) : 2;
@@ -573,11 +573,11 @@ versions_differ(PyObject *a, PyObject *b)
         int eq = PyObject_RichCompareBool(PyList_GET_ITEM(pa, i), PyList_GET_ITEM(pb, i), Py_EQ);
         if (eq < 0) {
             result = -1;
-            goto error;
+            goto done;
         }
         result = !eq;
     }
-error:
+done:
     Py_XDECREF(dot);
     Py_XDECREF(pa);
     Py_XDECREF(pb);
@@ -594,8 +594,8 @@ sm_load_state_dict(ModuleState *st, StateManager *sm, PyObject *state_dict, PyOb
         PyErr_SetString(PyExc_AssertionError, "Cannot load state_dict if there is already one.");
         return -1;
     }
-    if ((current = runtime_call(st, "state_version", NULL, 0)) == NULL) {
-        goto error;
+    if ((current = runtime_call(st, CB_STATE_VERSION, NULL, 0)) == NULL) {
+        goto done;
     }
     if (version == NULL || version == Py_None) {
         version = current;
@@ -603,7 +603,7 @@ sm_load_state_dict(ModuleState *st, StateManager *sm, PyObject *state_dict, PyOb
     else if (!PyUnicode_Check(version)) {
         PyErr_Format(PyExc_TypeError, "the modelopt state version must be a str, got %.200s",
                      Py_TYPE(version)->tp_name);
-        goto error;
+        goto done;
     }
     else {
         int differ = versions_differ(version, current);
@@ -613,58 +613,72 @@ sm_load_state_dict(ModuleState *st, StateManager *sm, PyObject *state_dict, PyOb
                                         "%U. Compatibility of checkpoint with current version is not "
                                         "guaranteed!",
                                         version, current) < 0)) {
-            goto error;
+            goto done;
         }
     }
     if (!PyList_Check(state_dict) && !PyTuple_Check(state_dict)) {
         PyErr_Format(PyExc_TypeError, "the modelopt state must be a list of (mode_name, mode_state) pairs, got %.200s",
                      Py_TYPE(state_dict)->tp_name);
-        goto error;
+        goto done;
     }
     if ((copy = PyObject_CallOneArg(st->deepcopy, state_dict)) == NULL ||
         (entries = PySequence_List(copy)) == NULL) {
-        goto error;
+        goto done;
     }
     appended = 1;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(entries); i++) {
         PyObject *name, *mstate;
         if (sm_entry(st, PyList_GET_ITEM(entries, i), i, &name, &mstate) < 0) {
-            goto error;
+            goto done;
         }
         PyObject *cfg = PyDict_GetItemWithError(mstate, st->s_config);
         PyObject *metadata = cfg ? PyDict_GetItemWithError(mstate, st->s_metadata) : NULL;
         if (metadata == NULL) {
-            goto error;
+            goto done;
         }
         if ((config = sm_config_object(st, name, cfg)) == NULL) {
             err_add_note("in modelopt state entry %zd", i);
-            goto error;
+            goto done;
         }
         if (sm_add_mode(st, sm, name, config, metadata) < 0) {
             err_add_note("in modelopt state entry %zd", i);
-            goto error;
+            goto done;
         }
         Py_CLEAR(config);
     }
     /* the state is then exactly the given entries (tuples stay tuples), and the version */
     if (PyList_SetSlice(sm->state, 0, PyList_GET_SIZE(sm->state), entries) < 0 ||
         PyList_SetItem(sm->version, 0, Py_NewRef(version)) < 0) {
-        goto error;
+        goto done;
     }
     result = 0;
-error:
+done:
     if (result < 0 && appended) {
-        /* leave the model as it was: nothing half-loaded */
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
+        /* leave the model as it was: nothing half-loaded (emptying a list cannot fail) */
+        PyObject *exc = PyErr_GetRaisedException();
         (void)PyList_SetSlice(sm->state, 0, PyList_GET_SIZE(sm->state), NULL);
-        PyErr_Restore(type, value, tb);
+        PyErr_SetRaisedException(exc);
     }
     Py_XDECREF(current);
     Py_XDECREF(copy);
     Py_XDECREF(entries);
     Py_XDECREF(config);
     return result;
+}
+
+void
+sm_drop_state(ModuleState *st, PyObject *model)
+{
+    PyObject *exc = PyErr_GetRaisedException();
+    if (PyObject_DelAttr(model, st->s_state_key) < 0 || PyObject_DelAttr(model, st->s_version_key) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear(); /* not there: nothing to undo */
+        }
+        else {
+            PyErr_WriteUnraisable(model); /* the caller's error is the one to see */
+        }
+    }
+    PyErr_SetRaisedException(exc);
 }
 
 int
@@ -674,24 +688,18 @@ sm_transfer(ModuleState *st, PyObject *model_from, PyObject *model_to)
     int result = -1;
 
     if ((from = sm_new(st, model_from, 0)) == NULL || (to = sm_new(st, model_to, 1)) == NULL) {
-        goto error;
+        goto done;
     }
     if (sm_load_state_dict(st, to, from->state, PyList_GET_ITEM(from->version, 0)) < 0) {
-        /* undo the fresh, empty state so model_to is as it was */
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        if (PyObject_DelAttr(model_to, st->s_state_key) < 0 || PyObject_DelAttr(model_to, st->s_version_key) < 0) {
-            PyErr_Clear();
-        }
-        PyErr_Restore(type, value, tb);
-        goto error;
+        sm_drop_state(st, model_to); /* undo the fresh, empty state so model_to is as it was */
+        goto done;
     }
     if (PyObject_SetAttr(model_to, st->s_state_key, from->state) < 0 ||
         (check = sm_new(st, model_to, 0)) == NULL || PyObject_DelAttr(model_from, st->s_state_key) < 0) {
-        goto error;
+        goto done;
     }
     result = 0;
-error:
+done:
     Py_XDECREF(from);
     Py_XDECREF(to);
     Py_XDECREF(check);
@@ -699,12 +707,6 @@ error:
 }
 
 /* ---- Python methods --------------------------------------------------------------- */
-
-#define MODULE_STATE_OR_NULL(type)                              \
-    ModuleState *st = module_state_from_type((PyTypeObject *)(type)); \
-    if (st == NULL) {                                           \
-        return NULL;                                            \
-    }
 
 PyDoc_STRVAR(is_converted_doc,
 "is_converted(model, is_root=False) -> bool\n\n"
@@ -720,7 +722,10 @@ sm_py_is_converted(PyObject *cls, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|p:is_converted", kwlist, &model, &is_root)) {
         return NULL;
     }
-    MODULE_STATE_OR_NULL(cls);
+    ModuleState *st = module_state_from_type((PyTypeObject *)cls);
+    if (st == NULL) {
+        return NULL;
+    }
     int r = sm_is_converted(st, model, is_root);
     return r < 0 ? NULL : PyBool_FromLong(r);
 }
@@ -748,8 +753,8 @@ sm_py_load_state_dict(StateManager *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:load_state_dict", kwlist, &state_dict, &version)) {
         return NULL;
     }
-    MODULE_STATE_OR_NULL(Py_TYPE(self));
-    if (sm_load_state_dict(st, self, state_dict, version) < 0) {
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL || sm_load_state_dict(st, self, state_dict, version) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -768,8 +773,8 @@ sm_py_transfer_state_dict(PyObject *cls, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO:transfer_state_dict", kwlist, &model_from, &model_to)) {
         return NULL;
     }
-    MODULE_STATE_OR_NULL(cls);
-    if (sm_transfer(st, model_from, model_to) < 0) {
+    ModuleState *st = module_state_from_type((PyTypeObject *)cls);
+    if (st == NULL || sm_transfer(st, model_from, model_to) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -790,7 +795,10 @@ sm_py_has_state_for_mode_type(PyObject *cls, PyObject *args, PyObject *kwargs)
                                      &state)) {
         return NULL;
     }
-    MODULE_STATE_OR_NULL(cls);
+    ModuleState *st = module_state_from_type((PyTypeObject *)cls);
+    if (st == NULL) {
+        return NULL;
+    }
     int has_model = PyObject_IsTrue(model), has_state = PyObject_IsTrue(state);
     if (has_model < 0 || has_state < 0) {
         return NULL;
@@ -801,17 +809,17 @@ sm_py_has_state_for_mode_type(PyObject *cls, PyObject *args, PyObject *kwargs)
     }
     if (has_model) {
         if ((owned_state = conversion_modelopt_state_impl(st, model)) == NULL) {
-            goto error;
+            goto done;
         }
         state = owned_state;
     }
-    if ((registry = runtime_call(st, "get_registry_by_name", &mode_type, 1)) == NULL ||
+    if ((registry = runtime_call(st, CB_GET_REGISTRY_BY_NAME, &mode_type, 1)) == NULL ||
         (entries = PyObject_GetItem(state, st->s_modelopt_state_dict)) == NULL) {
-        goto error;
+        goto done;
     }
     PyObject *fast = PySequence_Fast(entries, "'modelopt_state_dict' must be a list");
     if (fast == NULL) {
-        goto error;
+        goto done;
     }
     int any = 0;
     for (Py_ssize_t i = 0; !any && i < PySequence_Fast_GET_SIZE(fast); i++) {
@@ -819,12 +827,12 @@ sm_py_has_state_for_mode_type(PyObject *cls, PyObject *args, PyObject *kwargs)
         if (sm_entry(st, PySequence_Fast_GET_ITEM(fast, i), i, &name, &mstate) < 0 ||
             (any = PySequence_Contains(registry, name)) < 0) {
             Py_DECREF(fast);
-            goto error;
+            goto done;
         }
     }
     Py_DECREF(fast);
     result = PyBool_FromLong(any);
-error:
+done:
     Py_XDECREF(owned_state);
     Py_XDECREF(registry);
     Py_XDECREF(entries);
@@ -836,8 +844,8 @@ PyDoc_STRVAR(remove_state_doc, "remove_state(model)\n\nDelete the state attribut
 static PyObject *
 sm_py_remove_state(PyObject *cls, PyObject *model)
 {
-    MODULE_STATE_OR_NULL(cls);
-    if (PyObject_DelAttr(model, st->s_state_key) < 0) {
+    ModuleState *st = module_state_from_type((PyTypeObject *)cls);
+    if (st == NULL || PyObject_DelAttr(model, st->s_state_key) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -851,28 +859,28 @@ static PyObject *
 sm_py_modes_with_states(StateManager *self, PyObject *Py_UNUSED(ignored))
 {
     PyObject *out = NULL, *descriptor = NULL, *config = NULL, *item = NULL, *iter = NULL;
-    MODULE_STATE_OR_NULL(Py_TYPE(self));
-    if ((out = PyList_New(0)) == NULL) {
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL || (out = PyList_New(0)) == NULL) {
         return NULL;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(self->state); i++) {
         PyObject *name, *mstate;
         if (sm_entry(st, PyList_GET_ITEM(self->state, i), i, &name, &mstate) < 0) {
-            goto error;
+            goto done;
         }
         PyObject *cfg = PyDict_GetItemWithError(mstate, st->s_config);
         PyObject *metadata = cfg ? PyDict_GetItemWithError(mstate, st->s_metadata) : NULL;
         if (metadata == NULL || (config = sm_config_object(st, name, cfg)) == NULL ||
             (descriptor = sm_descriptor(st, name)) == NULL ||
             (item = PyTuple_Pack(3, descriptor, config, metadata)) == NULL || PyList_Append(out, item) < 0) {
-            goto error;
+            goto done;
         }
         Py_CLEAR(descriptor);
         Py_CLEAR(config);
         Py_CLEAR(item);
     }
     iter = PyObject_GetIter(out);
-error:
+done:
     Py_XDECREF(out);
     Py_XDECREF(descriptor);
     Py_XDECREF(config);
@@ -892,7 +900,10 @@ sm_py_get_config_class(PyObject *cls, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO:get_config_class", kwlist, &mode, &config)) {
         return NULL;
     }
-    MODULE_STATE_OR_NULL(cls);
+    ModuleState *st = module_state_from_type((PyTypeObject *)cls);
+    if (st == NULL) {
+        return NULL;
+    }
     return sm_config_object(st, mode, config);
 }
 
@@ -905,8 +916,8 @@ PyDoc_STRVAR(check_mode_doc,
 static PyObject *
 sm_py_check_mode(StateManager *self, PyObject *mode)
 {
-    MODULE_STATE_OR_NULL(Py_TYPE(self));
-    if (sm_check_mode(st, self, mode) < 0) {
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL || sm_check_mode(st, self, mode) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -924,8 +935,8 @@ sm_py_add_mode(StateManager *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:add_mode", kwlist, &mode, &config, &metadata)) {
         return NULL;
     }
-    MODULE_STATE_OR_NULL(Py_TYPE(self));
-    if (sm_add_mode(st, self, mode, config, metadata) < 0) {
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL || sm_add_mode(st, self, mode, config, metadata) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -938,8 +949,8 @@ PyDoc_STRVAR(update_new_doc,
 static PyObject *
 sm_py_update_before_new_mode(StateManager *self, PyObject *model)
 {
-    MODULE_STATE_OR_NULL(Py_TYPE(self));
-    if (sm_update_last(st, self, model, st->s_update_for_new_mode) < 0) {
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL || sm_update_last(st, self, model, st->s_update_for_new_mode) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -952,8 +963,8 @@ PyDoc_STRVAR(update_save_doc,
 static PyObject *
 sm_py_update_before_save(StateManager *self, PyObject *model)
 {
-    MODULE_STATE_OR_NULL(Py_TYPE(self));
-    if (sm_update_last(st, self, model, st->s_update_for_save) < 0) {
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL || sm_update_last(st, self, model, st->s_update_for_save) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -976,7 +987,10 @@ sm_get_state_version(StateManager *self, void *Py_UNUSED(closure))
 static PyObject *
 sm_get_last_mode(StateManager *self, void *Py_UNUSED(closure))
 {
-    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL) {
+        return NULL;
+    }
     PyObject *name, *mstate;
     int has_last = sm_last_entry(st, self, &name, &mstate);
     if (has_last < 0) {
@@ -988,7 +1002,10 @@ sm_get_last_mode(StateManager *self, void *Py_UNUSED(closure))
 static PyObject *
 sm_get_export_stack(StateManager *self, void *Py_UNUSED(closure))
 {
-    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL) {
+        return NULL;
+    }
     PyObject *stack = sm_export_stack(st, self);
     if (stack == NULL) {
         return NULL;
@@ -1001,7 +1018,10 @@ sm_get_export_stack(StateManager *self, void *Py_UNUSED(closure))
 static PyObject *
 sm_get_last_metadata(StateManager *self, void *Py_UNUSED(closure))
 {
-    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL) {
+        return NULL;
+    }
     PyObject *name, *mstate;
     int has_last = sm_last_entry(st, self, &name, &mstate);
     if (has_last <= 0) {
@@ -1016,7 +1036,10 @@ sm_get_last_metadata(StateManager *self, void *Py_UNUSED(closure))
 static PyObject *
 sm_get_last_config(StateManager *self, void *Py_UNUSED(closure))
 {
-    MODULE_STATE_OR_NULL(Py_TYPE(self));
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    if (st == NULL) {
+        return NULL;
+    }
     PyObject *name, *mstate, *cfg = NULL;
     int has_last = sm_last_entry(st, self, &name, &mstate);
     if (has_last <= 0) {

@@ -32,6 +32,10 @@ int sm_load_state_dict(ModuleState *st, StateManager *sm, PyObject *state_dict, 
 /* Run the last mode's `update_for_save` / `update_for_new_mode` (entry_point names it). */
 int sm_update_last(ModuleState *st, StateManager *sm, PyObject *model, PyObject *entry_point);
 
+/* Remove the state attributes from `model` (undoing a fresh state), keeping the
+ * exception being raised. */
+void sm_drop_state(ModuleState *st, PyObject *model);
+
 /* Move the state list object from one model to another (SPEC §5 transfer_state_dict). */
 int sm_transfer(ModuleState *st, PyObject *model_from, PyObject *model_to);
 

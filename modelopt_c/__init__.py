@@ -9,26 +9,17 @@ Use it where you used nvidia-modelopt's conversion API::
     model = mto.restore(MyModel(), "ckpt.pt")    # no pickle code, weights copied in place
 
 The state layout, the files and the error types are those of nvidia-modelopt
-(see the README); the bookkeeping and the checkpoint I/O are C.
+(see the README); the bookkeeping and the bytes are C, the file handling is
+``modelopt_c.checkpoint`` (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
 import torch as _torch  # noqa: F401  (the native module links against libtorch)
 
-from ._conversion import (
-    ApplyModeError,
-    ModeloptStateManager,
-    StateDecodeError,
-    apply_mode,
-    get_mode,
-    load_modelopt_state,
-    modelopt_state,
-    restore,
-    restore_from_modelopt_state,
-    save,
-)
-from ._runtime import MODELOPT_STATE_VERSION, CheckpointError
+from ._conversion import ApplyModeError, ModeloptStateManager, StateDecodeError, apply_mode, get_mode, modelopt_state
+from ._runtime import MODELOPT_STATE_VERSION
+from .checkpoint import CheckpointError, load_modelopt_state, restore, restore_from_modelopt_state, save
 from .codec import dumps_state, loads_state
 from .config import ModeloptBaseConfig, ModeloptField
 from .mode import ModeDescriptor, _ModeDescriptor, _ModeRegistryCls, get_mode_config

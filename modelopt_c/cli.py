@@ -18,7 +18,15 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-from ._runtime import CheckpointError, open_regular_file
+from . import st_format
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint as _load,
+    open_regular_file,
+    save_torch_file,
+    sniff_format,
+    torch_load_checked,
+)
 
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE = 0, 1, 2
 
@@ -40,12 +48,6 @@ exit status: 0 ok, 1 a corrupt/refused/unreadable checkpoint, 2 usage error.
 """
 
 
-def _st():
-    from . import st_format
-
-    return st_format
-
-
 def _torch():
     import torch
 
@@ -56,25 +58,20 @@ def _torch():
 
 
 def detect_kind(path: str) -> str:
-    """The checkpoint kind of ``path``, from its first bytes (never its name)."""
-    st = _st()
-    if st.is_torch_zip(path):
+    """The checkpoint kind of ``path``, from its first bytes (never its name): the
+    library's sniffer, then the safetensors metadata for ours or a plain file."""
+    kind = sniff_format(path, "read")
+    if kind == "torch":
         return KIND_TORCH
-    if st.is_safetensors_file(path):
-        try:
-            metadata, _, _ = st.read_header(path)
-        except ValueError:
-            return KIND_PLAIN  # looks like one; validation reports what is wrong
-        return KIND_OURS if metadata.get("format") == st.FORMAT_NAME else KIND_PLAIN
-    return KIND_UNKNOWN
+    if kind == "safetensors":
+        return KIND_OURS if _meta(path).get("format") == st_format.FORMAT_NAME else KIND_PLAIN
+    return KIND_UNKNOWN  # a legacy (pre-zip) torch file too: its records cannot be checked
 
 
 def load_torch_safely(path: str, mmap: bool = True) -> Any:
-    """``torch.load`` with ``weights_only=True``, as restore loads: every failure of a
-    damaged file is a CheckpointError naming it, a weights_only refusal says so."""
-    from ._runtime import _torch_load_checked
-
-    return _torch_load_checked(path, {} if mmap else {"mmap": False})
+    """The library's safe ``torch.load`` (``weights_only=True``), as restore loads: every
+    failure of a damaged file is a CheckpointError naming it, a refusal says so."""
+    return torch_load_checked(path, {} if mmap else {"mmap": False})
 
 
 def zip_problems(path: str) -> list[str]:
@@ -161,42 +158,28 @@ def _descriptor_problem(raw: Any, info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def _codec_available() -> bool:
-    from . import _conversion
-
-    return hasattr(_conversion, "encode_state") and hasattr(_conversion, "decode_state")
-
-
-def load_checkpoint(path: str, verify: bool = False) -> tuple[Any, dict[str, Any], str]:
-    """``(modelopt_state or None, state_dict, kind)`` of a checkpoint, loaded safely."""
+def load_checkpoint(path: str) -> tuple[Any, dict[str, Any], str]:
+    """``(modelopt_state or None, state_dict, kind)`` of a checkpoint, loaded safely by the
+    library's loader (a plain state dict too); its parts' shapes are checked here, before
+    anything is written."""
     kind = detect_kind(path)
-    st = _st()
-    if kind == KIND_TORCH:
-        obj = load_torch_safely(path, mmap=not verify)
-        if isinstance(obj, dict) and "model_state_dict" in obj:
-            if not isinstance(obj["model_state_dict"], dict):
-                raise CheckpointError(f"{path}: model_state_dict is {_a(obj['model_state_dict'])}, not a dict")
-            _modes(obj.get("modelopt_state"), path)  # the shape of the state, checked before anything is written
-            return obj.get("modelopt_state"), dict(obj["model_state_dict"]), kind
-        if isinstance(obj, dict) and all(isinstance(v, _torch().Tensor) for v in obj.values()):
-            return None, dict(obj), kind
-        raise CheckpointError(f"{path}: a torch file, but not a modelopt checkpoint or a state dict")
-    if kind in (KIND_OURS, KIND_PLAIN):
-        from . import _conversion
-
-        try:
-            metadata, tensors = _conversion.st_read(path, verify=verify and "checksums" in _meta(path))
-            extras, state_dict = st.split_tensors(tensors, path)
-            state = st.decode_metadata_state(metadata, extras, path) if kind == KIND_OURS else None
-        except ValueError as exc:
-            raise CheckpointError(str(exc)) from exc
-        return state, state_dict, kind
-    raise CheckpointError(f"{path}: neither a torch (zip) checkpoint nor a safetensors file")
+    if kind == KIND_UNKNOWN:
+        raise CheckpointError(f"{path}: neither a torch (zip) checkpoint nor a safetensors file")
+    try:
+        state, state_dict = _load(path, {"verify": False}, plain=True)
+    except CheckpointError:
+        raise
+    except ValueError as exc:  # the safetensors reader's own errors
+        raise CheckpointError(str(exc)) from exc
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path}: model_state_dict is {_a(state_dict)}, not a dict")
+    _modes(state, path)
+    return state, dict(state_dict), kind
 
 
 def _meta(path: str) -> dict[str, str]:
     try:
-        return _st().read_header(path)[0]
+        return st_format.read_header(path)[0]
     except ValueError:
         return {}
 
@@ -284,7 +267,7 @@ def _a(value: Any) -> str:
 
 def inspect_file(path: str) -> dict[str, Any]:
     """What is in a checkpoint, as a JSON-able dict (loads no code; maps, never copies)."""
-    st = _st()
+    st = st_format
     kind = detect_kind(path)
     info: dict[str, Any] = {"file": path, "format": kind, "size_bytes": os.path.getsize(path)}
     if kind == KIND_TORCH:
@@ -319,12 +302,8 @@ def inspect_file(path: str) -> dict[str, Any]:
         info["checksums"] = metadata.get("checksum_algorithm", "none")
         if kind == KIND_OURS:
             info["format_version"] = metadata.get("format_version")
-            if _codec_available():
-                state, _, _ = load_checkpoint(path)
-                info["modelopt_version"], info["modes"] = _modes(state, path)
-            else:
-                info["modelopt_version"], info["modes"] = None, []
-                info["note"] = "this build has no state codec: modes not decoded"
+            state, _, _ = load_checkpoint(path)
+            info["modelopt_version"], info["modes"] = _modes(state, path)
         return info
     raise CheckpointError(f"{path}: neither a torch (zip) checkpoint nor a safetensors file")
 
@@ -363,8 +342,6 @@ def _print_inspect(info: dict[str, Any], out: TextIO) -> None:
     if info.get("state_tensors", {}).get("count"):
         s = info["state_tensors"]
         w(f"state tensors: {s['count']} ({s['total_bytes']} bytes)")
-    if info.get("note"):
-        w(f"note:        {info['note']}")
 
 
 # --------------------------------------------------------------------------- writing
@@ -380,16 +357,6 @@ def _progress_printer(label: str, every_mb: int, err: TextIO) -> Callable[[int, 
             print(f"{label}: {done >> 20} / {total >> 20} MiB written", file=err, flush=True)
 
     return report
-
-
-def save_torch_atomically(obj: Any, path: str) -> None:
-    """``torch.save`` through the same crash-safe writer as ``modelopt_c.save`` (a temp
-    file beside ``path``, locked while written, fsync, rename, fsync the folder): a new
-    file gets 0666 & ~umask, a replaced one keeps its permissions, and temp files of
-    killed writers in that folder are removed."""
-    from . import _conversion
-
-    _conversion._save_torch_file(path, obj)
 
 
 def _target_kind(out: str, to: str | None) -> str | None:
@@ -450,9 +417,9 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return _fail(args.input, "has no modelopt_state (a plain state dict); nothing modelopt-specific to convert", err)
     try:
         if target == "safetensors":
-            _st().save_file(args.out, state_dict, state, progress=_progress_printer("convert", args.progress_mb, err))
+            st_format.save_file(args.out, state_dict, state, progress=_progress_printer("convert", args.progress_mb, err))
         else:
-            save_torch_atomically({"modelopt_state": state, "model_state_dict": state_dict}, args.out)
+            save_torch_file(args.out, {"modelopt_state": state, "model_state_dict": state_dict})
     except (OSError, ValueError, TypeError, RuntimeError) as exc:
         return _fail(args.out, f"writing failed: {exc}", err)
     print(f"converted {args.input} ({kind}) -> {args.out} ({target})", file=out)
@@ -479,23 +446,18 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             detail = "zip records match their CRC-32s, safe load of every record (weights_only=True)" + (
                 ", a modelopt checkpoint" if is_modelopt else ", not a modelopt checkpoint")
         else:
-            from . import _conversion
-
             metadata = _meta(path)
             if "checksums" in metadata:
-                _conversion.st_read(path, verify=True)
+                st_format.check_file(path)
                 detail = "header valid, xxh64 checksums match"
             elif kind == KIND_OURS:
                 raise CheckpointError(f"{path}: a modelopt_c file without checksums (its metadata was altered)")
             else:
-                _conversion.st_read_header(path)
+                st_format.read_header(path)
                 detail = "header valid, no checksums stored"
             if kind == KIND_OURS:
-                if _codec_available():
-                    load_checkpoint(path)
-                    detail += ", modelopt_state decodes"
-                else:
-                    detail += ", modelopt_state not decoded (no state codec in this build)"
+                load_checkpoint(path)
+                detail += ", modelopt_state decodes"
     except (CheckpointError, ValueError, OSError) as exc:
         print(f"CORRUPT {path}: {_what(path, exc)}", file=out)
         return _fail(path, exc, err)

@@ -13,12 +13,11 @@ import os
 from typing import Any, BinaryIO, Callable, Union
 
 from . import _conversion
-from ._runtime import CheckpointError
+from .checkpoint import CheckpointError, kind_of_head, sniff_format
 
 FORMAT_NAME = "modelopt_c"
 FORMAT_VERSION = "1"
 RESERVED_PREFIX = "__modelopt_state__."
-MAX_HEADER = 100_000_000
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -26,22 +25,12 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "RESERVED_PREFIX",
+    "check_file",
     "is_safetensors_file",
     "load_file",
     "read_header",
     "save_file",
 ]
-
-
-def _codec(name: str) -> Callable[..., Any]:
-    """The native state codec function ``name``, looked up at call time."""
-    func = getattr(_conversion, name, None)
-    if func is None:
-        raise RuntimeError(
-            f"modelopt_c._conversion.{name} is missing: this build has no state codec, "
-            "so the modelopt state cannot be stored in the safetensors format"
-        )
-    return func
 
 
 def save_file(
@@ -57,7 +46,7 @@ def save_file(
     the model's weights keep their state_dict names.
     """
     extras: list[Any] = []
-    payload = _codec("encode_state")(modelopt_state, extras)
+    payload = _conversion.encode_state(modelopt_state, extras)
     tensors: dict[str, Any] = {}
     for name, tensor in state_dict.items():
         if isinstance(name, str) and name.startswith(RESERVED_PREFIX):
@@ -112,25 +101,27 @@ def decode_metadata_state(metadata: dict[str, str], extras: list[Any], where: st
         payload = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError) as exc:
         raise CheckpointError(f"{where}: 'modelopt_state' is not valid base64 ({exc})") from None
-    decode = _codec("decode_state")
     try:
-        return decode(payload, extras)
+        return _conversion.decode_state(payload, extras)
     except ValueError as exc:  # StateDecodeError: the file's state is malformed
         raise CheckpointError(f"{where}: modelopt_state: {exc}") from exc
 
 
-def load_file(path: PathLike, verify: bool = True) -> tuple[Any, dict[str, Any]]:
+def load_file(path: PathLike, verify: bool = True, plain: bool = False) -> tuple[Any, dict[str, Any]]:
     """Read a modelopt_c safetensors file: ``(modelopt_state, state_dict)``.
 
     The tensors are CPU tensors over a copy-on-write mapping of the file (zero-copy).
     ``verify=True`` (the default) checks every tensor's XXH64 checksum against the
     mapped bytes before returning (one extra read of the data, from the page cache
     when warm); ``verify=False`` skips it. Every defect of the file raises
-    :class:`CheckpointError` naming the file.
+    :class:`CheckpointError` naming the file.  ``plain=True`` also reads a plain
+    safetensors file (not written by modelopt_c): its modelopt_state is then None.
     """
     where = os.fspath(path)
     metadata, tensors = _conversion.st_read(path, verify=verify, _verify_if_present=True)
     extras, state_dict = split_tensors(tensors, where)
+    if plain and metadata.get("format") != FORMAT_NAME:
+        return None, state_dict
     state = decode_metadata_state(metadata, extras, where)
     if verify and "checksums" not in metadata:
         # modelopt_c's writer always stores them: this file was made or altered elsewhere
@@ -141,50 +132,35 @@ def load_file(path: PathLike, verify: bool = True) -> tuple[Any, dict[str, Any]]
     return state, state_dict
 
 
+def check_file(path: PathLike) -> None:
+    """Read every tensor of a safetensors file and check its stored XXH64 checksum."""
+    _conversion.st_read(path, verify=True)
+
+
 def read_header(path: PathLike) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...], int, int]], int]:
     """Validate the header only: ``(metadata, {name: (dtype, shape, begin, end)}, data_start)``."""
     return _conversion.st_read_header(path)
 
 
-def _first_bytes(source: Union[PathLike, bytes, bytearray, memoryview, BinaryIO], n: int) -> tuple[bytes, int | None]:
+Source = Union[PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+
+def _kind(source: Source) -> str | None:
+    """checkpoint.sniff_format of a path or file object, or of the bytes themselves."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source[:n]), None
-    if hasattr(source, "read") and hasattr(source, "seek"):
-        pos = source.tell()
-        try:
-            head = source.read(n)
-        finally:
-            source.seek(pos)
-        return bytes(head), None
-    with open(source, "rb") as f:
-        head = f.read(n)
-        size = os.fstat(f.fileno()).st_size
-    return head, size
-
-
-def is_safetensors_file(source: Union[PathLike, bytes, bytearray, memoryview, BinaryIO]) -> bool:
-    """Whether ``source`` (a path, a binary file object or its first bytes) looks like safetensors.
-
-    True when the 8-byte little-endian header length is plausible (2..100 MB, and
-    within the file when the size is known) and the header starts with ``{``.
-    A torch-format checkpoint is a zip file and starts with ``PK\\x03\\x04``.
-    """
+        return kind_of_head(bytes(source[:16]))
     try:
-        head, size = _first_bytes(source, 9)
-    except OSError:
-        return False
-    if len(head) < 9:
-        return False
-    n = int.from_bytes(head[:8], "little")
-    if not 2 <= n <= MAX_HEADER or (size is not None and n > size - 8):
-        return False
-    return head[8:9] == b"{"
+        return sniff_format(source, "read")
+    except (OSError, ValueError):  # missing, unreadable, not a regular file (CheckpointError)
+        return None
 
 
-def is_torch_zip(source: Union[PathLike, bytes, bytearray, memoryview, BinaryIO]) -> bool:
+def is_safetensors_file(source: Source) -> bool:
+    """Whether ``source`` (a path, a binary file object or its first bytes) looks like safetensors:
+    a plausible 8-byte little-endian header length, then ``{`` (checkpoint.sniff_format)."""
+    return _kind(source) == "safetensors"
+
+
+def is_torch_zip(source: Source) -> bool:
     """Whether ``source`` starts like a zip archive, the container of ``torch.save``."""
-    try:
-        head, _ = _first_bytes(source, 4)
-    except OSError:
-        return False
-    return head == b"PK\x03\x04"
+    return _kind(source) == "torch"

@@ -283,3 +283,29 @@ def test_verify_is_ours_and_never_reaches_torch_load(converted, tmp_path, verify
     restored = mto.restore(TinyNet(), path, verify=verify)
     for key, value in converted.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
+
+
+def test_the_reference_keyword_arguments_and_real_signatures(converted, tmp_path, x):
+    """save/restore/load_modelopt_state/restore_from_modelopt_state take the reference's
+    keywords (modelopt.torch.opt: save(model, f, **kwargs), restore(model, f, **kwargs), ...)."""
+    import inspect
+
+    path = tmp_path / "kw.pt"
+    mto.save(model=converted, f=path)
+    restored = mto.restore(model=TinyNet(), f=path, map_location="cpu")
+    assert torch.equal(restored(x), converted(x))
+    state_path = tmp_path / "state.pt"
+    torch.save(mto.modelopt_state(converted), state_path)
+    state = mto.load_modelopt_state(modelopt_state_path=state_path)
+    assert state == mto.modelopt_state(converted)
+    again = mto.restore_from_modelopt_state(model=TinyNet(), modelopt_state_path=state_path)
+    assert SM(again).state_dict() == SM(converted).state_dict()
+    assert list(inspect.signature(mto.save).parameters) == ["model", "f", "format", "kwargs"]
+    assert list(inspect.signature(mto.restore).parameters) == ["model", "f", "kwargs"]
+    assert list(inspect.signature(mto.load_modelopt_state).parameters) == ["modelopt_state_path", "kwargs"]
+    assert list(inspect.signature(mto.restore_from_modelopt_state).parameters) == [
+        "model", "modelopt_state", "modelopt_state_path"]
+    with pytest.raises(AssertionError, match="^Either modelopt_state or modelopt_state_path must be provided"):
+        mto.restore_from_modelopt_state(TinyNet())
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'f'"):
+        mto.save(converted)

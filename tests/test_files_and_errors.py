@@ -29,7 +29,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE / "torch_corpus"))
 
 import modelopt_c as mto  # noqa: E402
-from modelopt_c import _conversion, _runtime, cli, st_format  # noqa: E402
+from modelopt_c import _conversion, checkpoint, cli, st_format  # noqa: E402
 
 import generate  # noqa: E402  (tests/torch_corpus/generate.py)
 
@@ -78,10 +78,10 @@ def classify_load(path) -> str:
     """What loading a damaged file does (see torch_corpus/generate.py); any other exception fails."""
     global _BASE
     if _BASE is None:
-        _BASE = _runtime.load_checkpoint(str(generate.BASE), {})
+        _BASE = checkpoint.load_checkpoint(str(generate.BASE), {})
     try:
-        state, weights = _runtime.load_checkpoint(str(path), {})
-    except _runtime.CheckpointRefused as exc:
+        state, weights = checkpoint.load_checkpoint(str(path), {})
+    except checkpoint.CheckpointRefused as exc:
         assert isinstance(exc, pickle.UnpicklingError) and isinstance(exc, mto.CheckpointError)
         assert str(path) in str(exc) and "refused to load with weights_only=True" in str(exc)
         return "UnpicklingError"
@@ -240,7 +240,7 @@ def test_damaged_files_through_restore_and_load_modelopt_state(damaged):
         path = damaged / name
         model = nn.Linear(4, 4)
         before = model.weight.clone()
-        kind = _runtime.CheckpointRefused if load == "UnpicklingError" else mto.CheckpointError
+        kind = checkpoint.CheckpointRefused if load == "UnpicklingError" else mto.CheckpointError
         with pytest.raises(kind) as info:
             mto.restore(model, path)
         assert str(path) in str(info.value)
@@ -269,7 +269,7 @@ def test_exception_types_torch_throws_all_become_checkpoint_errors(damaged):
     for name, (load, _) in expected_table().items():
         if load == "CheckpointError":
             try:
-                _runtime.load_checkpoint(str(damaged / name), {})
+                checkpoint.load_checkpoint(str(damaged / name), {})
             except mto.CheckpointError as exc:
                 if exc.__cause__ is not None:
                     causes.add(type(exc.__cause__).__name__)

@@ -1,0 +1,482 @@
+"""Checkpoint files: save, restore, load_modelopt_state, restore_from_modelopt_state.
+
+The one place that deals with files.  It tells the formats apart (once, from the
+first bytes), opens and safely loads torch-format files, reads and writes the
+safetensors-compatible format (through ``st_format``), words every file error, and
+then hands the native core what it is good at: the bookkeeping (``modelopt_state``,
+the transactional replay), the in-place weight copy, the crash-safe writer and the
+byte codecs.  The native core never calls back into this module (docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import stat
+from typing import Any, BinaryIO, Union
+
+import torch
+import torch.nn as nn
+
+from . import _conversion, _runtime
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointRefused",
+    "load_checkpoint",
+    "load_modelopt_state",
+    "restore",
+    "restore_from_modelopt_state",
+    "save",
+    "sniff_format",
+]
+
+FileLike = Union[str, "os.PathLike[str]", BinaryIO]
+
+
+# A file that is not a readable checkpoint (not one, truncated, or corrupted): a
+# ValueError and a RuntimeError.  Defined by the native module, whose readers raise it.
+CheckpointError = _conversion.CheckpointError
+
+
+class CheckpointRefused(pickle.UnpicklingError, CheckpointError):
+    """weights_only refused the file: it holds pickle that torch does not allow."""
+
+
+# ---- files -------------------------------------------------------------------------
+
+
+def _is_path(f: Any) -> bool:
+    return isinstance(f, (str, os.PathLike))
+
+
+def describe_file(f: Any) -> str:
+    """A file's name for error messages."""
+    if _is_path(f):
+        return repr(os.fspath(f))
+    return repr(getattr(f, "name", f"<{type(f).__name__}>"))
+
+
+_FILE_KINDS = (
+    ("S_ISDIR", "is a folder"),
+    ("S_ISFIFO", "is a FIFO"),
+    ("S_ISCHR", "is a character device"),
+    ("S_ISBLK", "is a block device"),
+    ("S_ISSOCK", "is a socket"),
+)
+
+
+def open_regular_file(path: Any, what: str = "restore") -> int:
+    """A read-only descriptor of ``path``, which must be a regular file.
+
+    Opened with O_NONBLOCK (a FIFO without a writer would block the open itself),
+    then checked with fstat: anything but a regular file is a CheckpointError naming
+    it.  A missing file stays FileNotFoundError.
+    """
+    name = describe_file(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except IsADirectoryError:  # some systems refuse to open a folder for reading
+        raise CheckpointError(f"{name} is a folder: {what} takes a checkpoint file.") from None
+    except (FileNotFoundError, PermissionError):
+        raise
+    except OSError as exc:
+        # e.g. ENXIO: a socket, or a device with no driver
+        raise CheckpointError(f"{name} cannot be opened as a checkpoint file: {exc.strerror or exc}.") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((text for test, text in _FILE_KINDS if getattr(stat, test)(mode)), "is not a regular file")
+            if kind == "is a folder":
+                raise CheckpointError(f"{name} is a folder: {what} takes a checkpoint file.")
+            raise CheckpointError(f"{name} {kind}, not a regular file: {what} takes a checkpoint file.")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# ---- telling the formats apart ---------------------------------------------------------
+
+_ZIP_MAGIC = b"PK\x03\x04"
+# torch's legacy (pre-1.6) format: a protocol-2 pickle of its magic number first
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+# a safetensors header length is a u64; anything this large is no header (the reader
+# then says what is wrong with one that is merely too large for it)
+_MAX_SNIFFED_HEADER = 1 << 40
+
+
+def _first_bytes(f: Any, n: int = 16, what: str = "restore") -> bytes:
+    if isinstance(f, (bytes, bytearray, memoryview)):
+        return bytes(f[:n])
+    if _is_path(f):
+        fd = open_regular_file(f, what)
+        try:
+            return os.pread(fd, n, 0)
+        finally:
+            os.close(fd)
+    if hasattr(f, "peek"):
+        return bytes(f.peek(n)[:n])
+    if hasattr(f, "seek") and hasattr(f, "tell"):
+        pos = f.tell()
+        try:
+            head = f.read(n)
+        finally:
+            f.seek(pos)
+        return bytes(head)
+    return b""
+
+
+def kind_of_head(head: bytes) -> str | None:
+    """"torch", "torch-legacy", "safetensors" or None, from a file's first 16 bytes."""
+    if head.startswith(_ZIP_MAGIC):
+        return "torch"
+    if head.startswith(_LEGACY_MAGIC):
+        return "torch-legacy"
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < _MAX_SNIFFED_HEADER:
+        return "safetensors"
+    return None
+
+
+def sniff_format(f: Any, what: str = "restore") -> str | None:
+    """"torch", "torch-legacy", "safetensors" or None, from the first bytes of ``f``.
+
+    ``f``: a path (which must name a regular file: CheckpointError otherwise, naming
+    it), a binary file object (its position is kept) or the bytes themselves.  The
+    only format sniffer of the package (restore, the CLI, ``st_format``)."""
+    return kind_of_head(_first_bytes(f, 16, what))
+
+
+def checkpoint_format(f: Any, format: str | None) -> str:
+    """"torch" or "safetensors" for writing: the explicit ``format``, else by the path's suffix."""
+    if format is None:
+        if _is_path(f) and os.fspath(f).endswith(".safetensors"):
+            return "safetensors"
+        return "torch"
+    if format not in ("torch", "safetensors"):
+        raise ValueError(f"Unknown checkpoint format {format!r}: use 'torch' or 'safetensors'.")
+    return format
+
+
+def _not_a_checkpoint(f: Any) -> CheckpointError:
+    size = os.path.getsize(f) if _is_path(f) else None
+    what = "is empty" if size == 0 else "is not a checkpoint (neither torch's format nor safetensors)"
+    return CheckpointError(f"{describe_file(f)} {what}: nothing was loaded.")
+
+
+# ---- the torch format: one safe load ---------------------------------------------------
+
+
+class _slice_allowed:
+    """Allow ``slice`` under weights_only for one load (and leave a user's own list as it was)."""
+
+    def __enter__(self) -> None:
+        self._ctx = None
+        if slice not in torch.serialization.get_safe_globals():
+            self._ctx = torch.serialization.safe_globals([slice])
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def _torch_load(f: Any, kwargs: dict[str, Any]) -> Any:
+    """``torch.load`` with safe defaults: CPU, ``weights_only=True``, mmap for paths.
+
+    A path is opened once, without blocking, and must be a regular file (a FIFO or a
+    device would hang or never end); torch then reads that same open file through
+    /proc/self/fd, so the file checked is the file loaded.  ``slice`` is allowed
+    under weights_only (modes keep slices in their metadata).
+    """
+    kwargs = dict(kwargs)
+    kwargs.setdefault("map_location", "cpu")
+    kwargs.setdefault("weights_only", True)
+    if not _is_path(f):
+        with _slice_allowed():
+            return torch.load(f, **kwargs)
+    fd = open_regular_file(f)
+    try:
+        if os.pread(fd, 4, 0) == _ZIP_MAGIC:
+            kwargs.setdefault("mmap", True)  # only the zip format can be mapped (not legacy files)
+        # torch.load also picks its reader by a ".safetensors" suffix; the neutral
+        # /proc name hands it the bytes, whose format was already told apart
+        name = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else os.fspath(f)
+        with _slice_allowed():
+            return torch.load(name, **kwargs)
+    finally:
+        os.close(fd)
+
+
+def torch_load_checked(f: Any, kwargs: dict[str, Any] | None = None) -> Any:
+    """The package's one safe ``torch.load``, its failures turned into errors that name the file.
+
+    A damaged file makes torch's zip reader and unpickler raise almost anything
+    (RuntimeError, UnicodeDecodeError, IndexError, KeyError, EOFError, struct.error,
+    AssertionError, TypeError...): every exception of the load is caught by type and
+    becomes a CheckpointError, except what the caller's arguments caused (a device
+    that is not there, an exception of their own map_location function), which stays
+    itself.  A weights_only refusal stays a pickle.UnpicklingError (CheckpointRefused,
+    also a CheckpointError).
+    """
+    kwargs = {} if kwargs is None else kwargs
+    name = describe_file(f)
+    try:
+        return _torch_load(f, kwargs)
+    except (FileNotFoundError, PermissionError, CheckpointError):
+        raise  # from opening the file: the path itself is wrong, or not a regular file
+    except pickle.UnpicklingError as exc:
+        text = _clean(str(exc), f)
+        if "Weights only load failed" not in text:
+            raise CheckpointError(f"{name} is not a readable checkpoint (corrupted pickle data: {text}).") from exc
+        # torch's own reason sits on the line after "WeightsUnpickler error:"
+        lines = [ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[-1].splitlines() if ln.strip()]
+        reason = lines[0] if lines else "not on torch's safe list"
+        if "global" not in reason.lower():
+            reason += " (the file is damaged, or uses pickle features torch does not allow)"
+        raise CheckpointRefused(
+            f"{name}: refused to load with weights_only=True: {reason}. Loading it would need full "
+            "pickle, which can run code stored in the file; modelopt_c never does that on its own. "
+            "If you trust this file, pass weights_only=False explicitly."
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - classified below, none swallowed
+        if _callers_fault(exc, kwargs):
+            raise
+        text = " ".join(_clean(str(exc), f).split())
+        if len(text) > 300:
+            text = text[:300] + " ..."
+        raise CheckpointError(
+            f"{name} is not a readable torch checkpoint (truncated or corrupted?): "
+            f"{type(exc).__name__}: {text or 'no detail'}"
+        ) from exc
+
+
+def _clean(text: str, f: Any) -> str:
+    """torch's message, with the /proc/self/fd name we handed it replaced by the file's."""
+    if _is_path(f):
+        text = re.sub(r"/proc/self/fd/\d+", lambda _: os.fspath(f), text)
+    return text
+
+
+def _callers_fault(exc: BaseException, kwargs: dict[str, Any]) -> bool:
+    """Whether a load failed because of the caller's arguments, not the file's bytes."""
+    text = str(exc)
+    location = kwargs.get("map_location")
+    if isinstance(exc, RuntimeError) and ("deserialize object on" in text or "CUDA" in text):
+        return True  # map_location names a device that is not there
+    if isinstance(location, (str, torch.device)) and f"(tagged with {location})" in text:
+        return True  # map_location names no device torch knows
+    code = getattr(location, "__code__", None) or getattr(getattr(location, "__call__", None), "__code__", None)
+    tb = exc.__traceback__
+    while code is not None and tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True  # raised by the caller's own map_location function
+        tb = tb.tb_next
+    return False
+
+
+# ---- reading a checkpoint ----------------------------------------------------------------
+
+
+def _st_map_location(weights: dict, map_location: Any, name: str) -> dict:
+    """``map_location`` for the safetensors format: a device (str, int or torch.device).
+
+    The tensors come memory-mapped on the CPU; for another device they are moved
+    there, as ``torch.load(map_location=...)`` would place them (a model on that
+    device is then filled from them, a meta model gets them as its weights).
+    """
+    if map_location is None:
+        return weights
+    if not isinstance(map_location, (str, int, torch.device)):
+        raise TypeError(
+            f"{name}: for the safetensors-compatible format map_location must be a device "
+            f"(str, int or torch.device), not {type(map_location).__name__}."
+        )
+    device = torch.device(map_location)
+    if device.type == "cpu":
+        return weights
+    return {k: v.to(device) for k, v in weights.items()}
+
+
+def load_checkpoint(f: Any, kwargs: dict[str, Any] | None = None, *, plain: bool = False) -> tuple[Any, dict]:
+    """(modelopt_state, model_state_dict) from a checkpoint written by ``save`` (either format).
+
+    ``kwargs``: restore's options: ``verify`` (ours: the safetensors format's per-tensor
+    checksums, on by default; torch's format has none, see ``python -m modelopt_c
+    verify``), the rest for ``torch.load`` (``map_location`` also moves safetensors
+    tensors).  ``plain=True`` (the CLI) also takes a plain state dict, saved by torch or
+    safetensors: its modelopt_state is then None.
+    """
+    kwargs = dict(kwargs or {})
+    name = describe_file(f)
+    kind = sniff_format(f)
+    if kind is None:
+        raise _not_a_checkpoint(f)
+    verify = kwargs.pop("verify", True)
+    if kind == "safetensors":
+        from . import st_format
+
+        if not _is_path(f):
+            raise TypeError(f"{name}: restoring the safetensors-compatible format needs a file path.")
+        state, weights = st_format.load_file(f, verify=verify, plain=plain)
+        return state, _st_map_location(weights, kwargs.get("map_location"), name)
+    objs = torch_load_checked(f, kwargs)
+    if isinstance(objs, dict) and "model_state_dict" in objs and ("modelopt_state" in objs or plain):
+        return objs.get("modelopt_state"), objs["model_state_dict"]
+    if plain:
+        if isinstance(objs, dict) and all(isinstance(v, torch.Tensor) for v in objs.values()):
+            return None, objs
+        raise CheckpointError(f"{name}: a torch file, but not a modelopt checkpoint or a state dict")
+    what = sorted(map(str, objs))[:5] if isinstance(objs, dict) else type(objs).__name__
+    raise CheckpointError(
+        f"{name} is not a modelopt checkpoint: expected a dict with 'modelopt_state' and "
+        f"'model_state_dict' (written by save()), found {what}."
+    )
+
+
+def validate_modelopt_state(state: Any) -> None:
+    """Check that ``state`` has the layout of ``modelopt_state(model)``."""
+    if not isinstance(state, dict):
+        raise TypeError(f"Invalid modelopt state file: expected a dict, got {type(state).__name__}.")
+    if "modelopt_state" in state and "modelopt_state_dict" not in state:
+        raise ValueError(
+            "Invalid modelopt state file: the file appears to be a full checkpoint saved via "
+            "``mto.save()`` (contains 'modelopt_state' and 'model_state_dict' keys). Use "
+            "``mto.restore()`` to load a full checkpoint, or pass only the inner modelopt state dict."
+        )
+    required = ("modelopt_state_dict", "modelopt_version")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(
+            f"Invalid modelopt state file: missing required key(s) {missing}. Expected keys: {list(required)}."
+        )
+    if not isinstance(state["modelopt_state_dict"], list):
+        raise TypeError(
+            "Invalid modelopt state file: 'modelopt_state_dict' must be a list, got "
+            f"{type(state['modelopt_state_dict']).__name__}."
+        )
+    if not isinstance(state["modelopt_version"], str):
+        raise TypeError(
+            "Invalid modelopt state file: 'modelopt_version' must be a str, got "
+            f"{type(state['modelopt_version']).__name__}."
+        )
+
+
+# ---- writing ---------------------------------------------------------------------------
+
+
+def save_torch_file(path: Any, obj: Any, **kwargs: Any) -> None:
+    """``torch.save(obj, path, **kwargs)`` through the crash-safe writer (atomic_file.c):
+    a temp file beside ``path``, locked while written, fsync, rename, fsync the folder;
+    a new file gets 0666 & ~umask, a replaced one keeps its permissions, and temp files
+    of killed writers in that folder are removed."""
+    _conversion._save_torch_file(path, obj, **kwargs)
+
+
+def _save_safetensors(f: Any, state_dict: dict, modelopt_state: dict, kwargs: dict) -> None:
+    """Write the safetensors-compatible format (paths only: it is staged and renamed)."""
+    if not _is_path(f):
+        raise TypeError("format='safetensors' needs a file path (it is written crash-safely through a temp file).")
+    if kwargs:
+        raise TypeError(f"save(format='safetensors') takes no torch.save options; got {sorted(kwargs)}.")
+    from . import st_format
+
+    st_format.save_file(f, state_dict, modelopt_state)
+
+
+# ---- the public functions ----------------------------------------------------------------
+
+
+def save(model: nn.Module, f: FileLike, *, format: str | None = None, **kwargs: Any) -> None:
+    """Save the model's weights with its modelopt state so ``restore()`` rebuilds it.
+
+    f: a path or a binary file object.  format: ``'torch'`` (the default; the exact
+    file nvidia-modelopt writes, ``kwargs`` go to ``torch.save``) or ``'safetensors'``
+    (the default for paths ending in ``.safetensors``).  A path is written to a
+    temporary file in the same folder, fsynced and renamed over the target: a crash
+    leaves the old file or the new one, never a broken one.  A wrapped model
+    (DataParallel, DDP, FSDP) is unwrapped with a warning.
+    """
+    model = _runtime.unwrap(model, "warn")
+    state = _conversion.modelopt_state(model)
+    weights = model.state_dict()
+    if checkpoint_format(f, format) == "safetensors":
+        _save_safetensors(f, weights, state, kwargs)
+        return
+    ckpt = {"modelopt_state": state, "model_state_dict": weights}
+    if isinstance(f, (str, bytes, os.PathLike)):
+        save_torch_file(f, ckpt, **kwargs)
+    else:  # a file object: written directly (it has no folder to stage in)
+        torch.save(ckpt, f, **kwargs)
+
+
+def restore(model: Any, f: FileLike, **kwargs: Any) -> nn.Module:
+    """Load a checkpoint written by ``save()`` into ``model``; returns the restored model.
+
+    Either format is accepted, told apart by the file's first bytes, not its name
+    (nvidia-modelopt's files too).  The recorded modes are replayed on ``model`` and
+    the weights copied into the model's own tensors, in place, one by one.
+
+    Safe by default: torch-format files load with weights_only=True semantics (no code
+    from the file runs; pass ``weights_only=False`` yourself only for a trusted file),
+    and paths are memory-mapped, so the peak memory is the model plus one tensor.  A
+    model built on the meta device gets its tensors straight from the file.
+    ``map_location`` defaults to ``'cpu'``; ``verify`` (default True) checks the
+    safetensors format's checksums.  Every key, shape, dtype and kind is checked before
+    the first byte is copied: RuntimeError in torch's load_state_dict wording listing
+    every offending key and the file; TypeError for tensor subclasses (DTensor: restore
+    the unsharded model).  Models with state-dict hooks or their own (load_)state_dict
+    load through their own load_state_dict, from the same mapped tensors.  Restore into
+    the unwrapped model (a wrapped one raises ValueError), then wrap it.
+
+    Transactional: when the weights do not fit or a mode's restore raises, every module
+    of the model gets back its class, attributes, submodules, parameters, buffers, hooks
+    and modelopt state, and the exception is re-raised.  Not undone: tensor data a mode's
+    restore changes in place, state outside the model's modules, and copies already made
+    when a copy itself fails midway (after every check passed: e.g. a device error).
+    """
+    model = _runtime.unwrap(_runtime.as_module(model), "raise")
+    state, weights = load_checkpoint(f, kwargs)
+    # the modes are replayed and the weights loaded as one transaction
+    return _conversion._restore_from_state(model, state, weights, describe_file(f))
+
+
+def load_modelopt_state(modelopt_state_path: FileLike, **kwargs: Any) -> dict[str, Any]:
+    """Load a file written with ``torch.save(modelopt_state(model), path)``.
+
+    Safely (``weights_only=True``, ``map_location='cpu'`` unless given), then its layout
+    is checked: TypeError for a non-dict or wrong types, ValueError for a full
+    checkpoint or missing keys.
+    """
+    if sniff_format(modelopt_state_path, "load_modelopt_state") not in ("torch", "torch-legacy"):
+        raise _not_a_checkpoint(modelopt_state_path)
+    kwargs = dict(kwargs)
+    kwargs.setdefault("map_location", "cpu")
+    state = torch_load_checked(modelopt_state_path, kwargs)
+    validate_modelopt_state(state)
+    return state
+
+
+def restore_from_modelopt_state(
+    model: Any, modelopt_state: dict[str, Any] | None = None, modelopt_state_path: FileLike | None = None
+) -> nn.Module:
+    """Replay the recorded modes on a fresh model; returns the restored model.
+
+    Initialises the model's state, loads the given state (every config validates, mode
+    order is checked), then calls each mode's restore.  Give exactly one of
+    ``modelopt_state`` / ``modelopt_state_path``.  The weights are the model's own;
+    load them afterwards (or use ``restore()``).
+
+    Transactional: when a mode's restore raises, every module of the model gets back
+    its class, attributes, submodules, parameters, buffers, hooks and modelopt state,
+    and the exception is re-raised.  Not undone: tensor data a mode changes in place,
+    and state outside the model's modules (globals, objects a mode mutates rather than
+    replaces).
+    """
+    if (modelopt_state is None) == (modelopt_state_path is None):
+        raise AssertionError("Either modelopt_state or modelopt_state_path must be provided, but not both.")
+    if modelopt_state_path is not None:
+        modelopt_state = load_modelopt_state(modelopt_state_path)
+    return _conversion._restore_from_state(model, modelopt_state)
