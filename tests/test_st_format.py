@@ -439,7 +439,7 @@ def test_adversarial_corpus_in_a_subprocess():
     make_corpus = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_corpus)
     files = sorted(CORPUS.glob("*.safetensors"))
-    assert len(files) >= 45 and {f.stem for f in files} == set(make_corpus.CASES)
+    assert len(files) >= 45 and {f.stem for f in files} == set(make_corpus.CASES) == set(make_corpus.EXPECT)
     # In a child: a crash there fails this test instead of the whole run.  For each
     # file, each stage prints OK or the exception's type name and message.
     script = (
@@ -467,7 +467,7 @@ def test_adversarial_corpus_in_a_subprocess():
     order = ["header", "read", "verify"]
     for line in lines[:-1]:
         f, stage, kind, msg = ast.literal_eval(line)
-        fails_at, pattern = make_corpus.EXPECT.get(Path(f).stem, ("header", ""))
+        fails_at, pattern = make_corpus.EXPECT[Path(f).stem]
         if order.index(stage) < order.index(fails_at):
             assert kind == "OK", (f, stage, kind, msg)
             continue
