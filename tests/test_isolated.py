@@ -16,13 +16,14 @@ import pytest
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "isolated")
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
-# script -> the checks it must report (every one of them, in order)
+# script -> the checks it must report (every one of them, in order).  Named leaks_*: a
+# script's folder is first on its sys.path, so it must not share a name with a package.
 SCRIPTS = {
-    "conversion": ["manager", "apply_mode", "modelopt_state", "get_mode", "restore_from_modelopt_state",
-                   "unknown mode", "bad config", "bad convert", "order", "init twice", "malformed"],
-    "checkpoints": ["save", "restore", "file objects", "not a checkpoint", "wrong arch", "missing dir"],
-    "codec": ["codec"],
-    "safetensors": ["st_write/st_read", "fds and mappings"]
+    "leaks_conversion": ["manager", "apply_mode", "modelopt_state", "get_mode", "restore_from_modelopt_state",
+                         "unknown mode", "bad config", "bad convert", "order", "init twice", "malformed"],
+    "leaks_checkpoints": ["save", "restore", "file objects", "not a checkpoint", "wrong arch", "missing dir"],
+    "leaks_codec": ["codec"],
+    "leaks_safetensors": ["st_write/st_read", "fds and mappings"]
     + ([] if os.environ.get("MODELOPT_C_SANITIZE") else ["rss"]),
 }
 

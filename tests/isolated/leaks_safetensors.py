@@ -1,7 +1,7 @@
 """Leak loops over the safetensors-format reader and writer (direct and staged
 writes, verified reads, header reads, a malformed file): no objects, traced bytes,
 file descriptors, mappings or RSS left behind per call.
-Run by tests/test_isolated.py: python tests/isolated/safetensors.py TMPDIR"""
+Run by tests/test_isolated.py: python tests/isolated/leaks_safetensors.py TMPDIR"""
 
 import gc
 import os

@@ -1,6 +1,6 @@
 """Leak loops over the state codec (encode/decode, by value and by reference, and
 their error paths): gc objects, RSS and tracemalloc'd memory stay flat over 10,000
-rounds.  Run by tests/test_isolated.py: python tests/isolated/codec.py TMPDIR"""
+rounds.  Run by tests/test_isolated.py: python tests/isolated/leaks_codec.py TMPDIR"""
 
 import gc
 import tracemalloc

@@ -1,6 +1,6 @@
 """Leak loops over the state manager and the conversion entry points (apply_mode,
 modelopt_state, get_mode, restore_from_modelopt_state), success and error paths.
-Run by tests/test_isolated.py: python tests/isolated/conversion.py TMPDIR"""
+Run by tests/test_isolated.py: python tests/isolated/leaks_conversion.py TMPDIR"""
 
 from _leakcheck import expect, leak_check
 

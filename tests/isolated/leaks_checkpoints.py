@@ -1,6 +1,6 @@
 """Leak loops over save/restore (paths and file objects; success and error paths),
 each measured against the same torch.save/torch.load calls without modelopt_c.
-Run by tests/test_isolated.py: python tests/isolated/checkpoints.py TMPDIR"""
+Run by tests/test_isolated.py: python tests/isolated/leaks_checkpoints.py TMPDIR"""
 
 import io
 import os
