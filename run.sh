@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point that sets up a fresh Debian machine and runs what you ask:
 #   bash run.sh demo    build + install, then `python -m modelopt_c demo`
-#   bash run.sh test    build + install, then the whole test suite
+#   bash run.sh test    build + install, then the test suite (the leak loops: add -m isolated)
 #   bash run.sh bench [--quick|--full]   build + install, then the benchmarks
 # Set-up is idempotent and skipped when everything is already there.
 set -euo pipefail
@@ -23,9 +23,9 @@ fi
 pip_quiet=(-q --disable-pip-version-check)
 $PY -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
     || $PY -m pip install "${pip_quiet[@]}" torch==2.13.0
-$PY -c "import pydantic, pytest, modelopt.torch.opt, safetensors, matplotlib" 2>/dev/null \
+$PY -c "import pydantic, pytest, modelopt.torch.opt, safetensors.torch, numpy, matplotlib" 2>/dev/null \
     || $PY -m pip install "${pip_quiet[@]}" torch==2.13.0 "pydantic>=2" pytest nvidia-modelopt \
-        huggingface_hub safetensors matplotlib
+        huggingface_hub safetensors numpy matplotlib
 # the extension, built against the installed torch
 $PY -m pip install "${pip_quiet[@]}" --no-build-isolation -e . >/dev/null
 

@@ -193,6 +193,12 @@ conversion_free(void *module)
 
 static PyModuleDef_Slot conversion_slots[] = {
     {Py_mod_exec, conversion_exec},
+#ifdef Py_mod_multiple_interpreters /* 3.12+: torch's own modules cannot load in a subinterpreter */
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil /* 3.13+: calls into torch and user callbacks rely on the GIL */
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
     {0, NULL},
 };
 

@@ -11,6 +11,31 @@ from modes import TinyNet, facade, register  # noqa: E402
 _REGISTERED = register(facade("modelopt_c"))
 
 
+# ------------------------------------------------------------------ the `isolated` marker
+# The leak loops (tests/isolated/, run by tests/test_isolated.py) take most of the suite's
+# time: the default run skips them, CI runs them (`-m isolated`, or `--run-isolated` for
+# everything in one run).
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-isolated", action="store_true", default=False,
+                     help="also run the leak loops of tests/isolated/ (each in its own interpreter)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "isolated: a leak loop in a fresh interpreter (skipped unless "
+                            "selected with -m isolated or --run-isolated)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-isolated") or "isolated" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="leak loop: run with -m isolated or --run-isolated (CI does)")
+    for item in items:
+        if "isolated" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def lib():
     return _REGISTERED
@@ -26,14 +51,6 @@ def net():
 def x():
     torch.manual_seed(1)
     return torch.randn(5, 4)
-
-
-def modelopt_available() -> bool:
-    try:
-        import modelopt.torch.opt  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 __all__ = ["mto", "TinyNet"]

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import modelopt_c as mto
+from _optional import optional_import
 from modes import TinyNet
 
 
@@ -87,8 +88,8 @@ def test_wrong_architecture_from_safetensors(converted, tmp_path):
 
 
 def test_reference_checkpoint_converted_by_the_cli_restores(tmp_path, x):
-    mo = pytest.importorskip("modelopt.torch.opt")
-    mts = pytest.importorskip("modelopt.torch.sparsity")
+    mo = optional_import("modelopt.torch.opt", "nvidia-modelopt")
+    mts = optional_import("modelopt.torch.sparsity", "nvidia-modelopt")
     from modelopt_c.cli import main
 
     torch.manual_seed(0)

@@ -6,10 +6,11 @@ import torch
 import torch.nn as nn
 
 import modelopt_c as mc
+from _optional import optional_import
 
-mo = pytest.importorskip("modelopt.torch.opt", reason="nvidia-modelopt is not installed")
-mtq = pytest.importorskip("modelopt.torch.quantization")
-mts = pytest.importorskip("modelopt.torch.sparsity")
+mo = optional_import("modelopt.torch.opt", "nvidia-modelopt")
+mtq = optional_import("modelopt.torch.quantization", "nvidia-modelopt")
+mts = optional_import("modelopt.torch.sparsity", "nvidia-modelopt")
 
 
 def make_net():

@@ -6,10 +6,10 @@ says where each file fails and how: (stage, message regex).  Stages, in order:
 "header" (st_read_header), "read" (st_read: the header is well-formed but the
 tensors cannot be made), "verify" (st_read(verify=True): checksums).  A file fails
 at its stage (with that message) and at every later one (with CheckpointError),
-and passes the earlier ones.  Files not in
-EXPECT fail at "header" with any message."""
+and passes the earlier ones.  Every file has its entry."""
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -97,7 +97,46 @@ CASES = {
 }
 
 _STRIDES = r"tensor '(a|z)': its shape cannot be made into a tensor \(Stride calculation overflowed"
+
+
+def _exact(message: str) -> str:
+    """The whole message, as a pattern."""
+    return "^" + re.escape(message) + "$"
+
+
 EXPECT = {
+    # at the header stage, the whole message
+    "empty": ("header", _exact("the file is 0 bytes, too short for the 8-byte header length")),
+    "short_len": ("header", _exact("the file is 3 bytes, too short for the 8-byte header length")),
+    "len_only": ("header", _exact("the header is not a JSON object (it must start with '{')")),
+    "len_huge": ("header", _exact("header length 18446744073709551615 is over the 100000000-byte limit")),
+    "len_past_end": ("header", _exact("header length 1000 runs past the end of the file (10 bytes)")),
+    "not_object": ("header", _exact("the header is not a JSON object (it must start with '{')")),
+    "bad_json": ("header", _exact("invalid header JSON at byte 59: unexpected end of the header")),
+    "trailing_garbage": ("header", _exact("invalid header JSON at byte 2: trailing bytes after the header object")),
+    "nul_in_header": ("header", _exact("invalid header JSON at byte 3: control character in a string")),
+    "bad_utf8": ("header", _exact("invalid header JSON at byte 5: a string is not valid UTF-8")),
+    "lone_surrogate": ("header", _exact("invalid header JSON at byte 8: lone high surrogate in a \\u escape")),
+    "dup_metadata": ("header", _exact("duplicate metadata key 'k'")),
+    "metadata_not_str": ("header", _exact("metadata value of 'k' must be a string")),
+    "unknown_dtype": ("header", _exact("tensor 'a': unknown dtype 'F4'")),
+    "negative_shape": ("header", _exact("tensor 'a': shape entries must be non-negative integers")),
+    "float_shape": ("header", _exact("tensor 'a': shape entries must be non-negative integers")),
+    "shape_mismatch": ("header", _exact("tensor 'a': shape and dtype F32 need 12 bytes but data_offsets span 8")),
+    "offsets_reversed": ("header", _exact("tensor 'a': data_offsets [8, 0] end before they begin")),
+    "offsets_oob": ("header", _exact("tensor 'a': data_offsets [0, 100] run past the 8-byte data section")),
+    "offsets_huge": ("header", _exact("tensor 'a': data_offsets: a number over 2**63-1")),
+    "number_too_big": ("header", _exact("tensor 'a': shape entries: a number over 2**63-1")),
+    "overlap": ("header", _exact("tensor 'b': data_offsets [4, 8] overlap tensor 'a'")),
+    "gap": ("header", _exact("tensor 'b': a gap of 2 bytes before its data_offsets [6, 8]")),
+    "uncovered_tail": ("header", _exact("the data section has 4 bytes that no tensor covers (tensors end at 8 of 12)")),
+    "missing_field": ("header", _exact("tensor 'a': missing field 'data_offsets'")),
+    "entry_not_object": ("header", _exact("tensor 'a': its entry must be an object")),
+    "three_offsets": ("header", _exact("tensor 'a': data_offsets must be exactly [begin, end]")),
+    "too_many_dims": ("header", _exact("tensor 'a': more than 64 dimensions")),
+    "deep_nesting": ("header", _exact("tensor 'a': its entry must be an object")),
+    "unterminated_string": ("header", _exact("invalid header JSON at byte 2: unterminated string")),
+    "bad_escape": ("header", _exact("invalid header JSON at byte 4: bad escape in a string")),
     "stride_overflow_empty": ("read", _STRIDES),
     "stride_overflow_empty_inner": ("read", _STRIDES),
     "stride_overflow_after_good": ("read", _STRIDES),
