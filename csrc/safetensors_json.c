@@ -599,7 +599,7 @@ sft_json_top(SftHeader *h, PyObject *metadata)
 static uint64_t
 sft_entry_numel(const SftHeader *h, const SftEntry *e)
 {
-    const int64_t *shape = h->shapes + e->shape_at;
+    const int64_t *shape = sft_entry_dims(h, e);
     uint64_t numel = 1;
     for (int d = 0; d < e->ndim; d++) {
         uint64_t s = (uint64_t)shape[d];

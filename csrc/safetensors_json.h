@@ -32,6 +32,15 @@ typedef struct {
 int sft_parse_header(SftHeader *h, const unsigned char *json, size_t n, uint64_t data_len, PyObject *metadata);
 void sft_header_clear(SftHeader *h);
 
+/* Entry e's e->ndim dimensions.  Never computed from a null pool: a header whose
+ * tensors are all scalars has no pool at all, and NULL + 0 is undefined. */
+static inline const int64_t *
+sft_entry_dims(const SftHeader *h, const SftEntry *e)
+{
+    static const int64_t no_dims[1] = {0};
+    return e->ndim == 0 ? no_dims : h->shapes + e->shape_at;
+}
+
 /* For the checksums map (a JSON object inside a metadata string): h->p over '{'
  * "k": "v", ... '}' into `dict`, duplicate keys rejected; then the whitespace. */
 int sft_json_str_map(SftHeader *h, PyObject *dict, const char *what);

@@ -178,7 +178,7 @@ sft_make_tensor(SftMap *map, const SftHeader *h, const SftEntry *e, char *data, 
     char *ptr = data + e->begin;
 
     atomic_fetch_add(&map->refs, 1);
-    if (atb_from_blob(ptr, sft_dtypes[e->dtype].code, h->shapes + e->shape_at, e->ndim, sft_map_release, map, &t,
+    if (atb_from_blob(ptr, sft_dtypes[e->dtype].code, sft_entry_dims(h, e), e->ndim, sft_map_release, map, &t,
                       &err) < 0) {
         /* The bridge's contract: on failure it has not called (and never will call)
          * sft_map_release, so the reference taken above is still ours to drop. */
@@ -505,8 +505,9 @@ sft_describe_entries(const SftHeader *h, PyObject *tensors)
         if ((shape = PyTuple_New(e->ndim)) == NULL) {
             goto done;
         }
+        const int64_t *dims = sft_entry_dims(h, e);
         for (int d = 0; d < e->ndim; d++) {
-            PyObject *v = PyLong_FromLongLong(h->shapes[e->shape_at + (size_t)d]);
+            PyObject *v = PyLong_FromLongLong(dims[d]);
             if (v == NULL) {
                 goto done;
             }

@@ -180,6 +180,22 @@ def test_we_read_files_of_the_safetensors_package(tmp_path):
     assert _conversion.st_read(str(path))[0] == {}
 
 
+def test_files_of_scalars_only(tmp_path):
+    # No tensor has a dimension, so the header has no shape pool at all (a fuzzer
+    # found the reader doing arithmetic on that null pool: undefined behaviour).
+    src = {"step": torch.tensor(7, dtype=torch.int64), "lr": torch.tensor(0.5), "flag": torch.tensor(True)}
+    path = tmp_path / "scalars.safetensors"
+    safetensors_torch.save_file(src, str(path))
+    metadata, out = _conversion.st_read(str(path))
+    assert metadata == {}
+    for name, t in src.items():
+        assert out[name].shape == () and same(t, out[name]), name
+    _, header, _ = _conversion.st_read_header(str(path))
+    assert {name: info[1] for name, info in header.items()} == {"step": (), "lr": (), "flag": ()}
+    _conversion.st_write(path, src, {})
+    assert set(_conversion.st_read(path, verify=True)[1]) == set(src)
+
+
 def test_xxh64_known_vectors():
     assert _conversion.st_xxh64(b"") == 0xEF46DB3751D8E999
     assert _conversion.st_xxh64(b"abc") == 0x44BC2CF5AD770999
