@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Union
 import torch
 import torch.nn as nn
 
-from . import _conversion, _runtime
+from . import _conversion, _runtime, torch_zip
 
 __all__ = [
     "CheckpointError",
@@ -201,6 +201,10 @@ def _torch_load(f: Any, kwargs: dict[str, Any]) -> Any:
     try:
         if os.pread(fd, 4, 0) == _ZIP_MAGIC:
             kwargs.setdefault("mmap", True)  # only the zip format can be mapped (not legacy files)
+            if _fast_path_ok(kwargs):
+                obj = torch_zip.load(fd)
+                if obj is not None:
+                    return obj
         # torch.load also picks its reader by a ".safetensors" suffix; the neutral
         # /proc name hands it the bytes, whose format was already told apart
         name = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else os.fspath(f)
@@ -208,6 +212,20 @@ def _torch_load(f: Any, kwargs: dict[str, Any]) -> Any:
             return torch.load(name, **kwargs)
     finally:
         os.close(fd)
+
+
+def _fast_path_ok(kwargs: dict[str, Any]) -> bool:
+    """Whether torch_zip's reader gives what torch.load would for these options.
+
+    It gives CPU tensors over a private mapping under weights_only rules: the defaults
+    of this module.  Any other option (another device, a map_location function, no
+    mmap, full pickle, encoding...) goes to torch.load.
+    """
+    if set(kwargs) - {"map_location", "weights_only", "mmap"}:
+        return False
+    location = kwargs["map_location"]
+    on_cpu = location in ("cpu", torch.device("cpu")) if isinstance(location, (str, torch.device)) else False
+    return on_cpu and kwargs["weights_only"] is True and kwargs["mmap"] is True
 
 
 def torch_load_checked(f: Any, kwargs: dict[str, Any] | None = None) -> Any:
