@@ -139,7 +139,6 @@ def valid_seeds() -> dict[str, tuple[bytes, Decodes]]:
         "valid_list_long": [[i] for i in range(40)],
         "valid_tensor_bf16": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3),
         "valid_tensor_fp8": torch.tensor([0.5, -1.0]).to(torch.float8_e4m3fn),
-        "valid_tensor_fp4x2": torch.tensor([0x12, 0xF0], dtype=torch.uint8).view(torch.float4_e2m1fn_x2),
         "valid_tensor_bool": torch.tensor([True, False, True]),
         "valid_tensor_empty": torch.empty(0, 5),
         "valid_tensor_scalar": torch.tensor(3.0, dtype=torch.float64),
@@ -161,6 +160,14 @@ def valid_seeds() -> dict[str, tuple[bytes, Decodes]]:
     seeds["int64_min"] = (b"\xd3\x80" + bytes(7), Decodes(-(2**63)))
     seeds["float64_nan"] = (b"\xcb\x7f\xf8" + bytes(6), Decodes(float("nan")))
     # a zero-sized dimension makes any other dimension harmless
+    # packed fp4 (torch >= 2.8): the same bytes on every torch; older ones refuse the dtype
+    fp4 = ext32(3, b"\x93\xb0float4_e2m1fn_x2\x91\x02\xc4\x02\x12\xf0")
+    if hasattr(torch, "float4_e2m1fn_x2"):
+        packed = torch.tensor([0x12, 0xF0], dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+        assert enc(packed) == fp4
+        seeds["valid_tensor_fp4x2"] = (fp4, Decodes(packed))
+    else:
+        seeds["valid_tensor_fp4x2"] = (fp4, Fails("unknown dtype 'float4_e2m1fn_x2'"))
     seeds["tensor_zero_dim_huge"] = (ext32(3, b"\x93\xa5int16\x92\x00\xce\xff\xff\xff\xff\xc4\x00"),
                                      Decodes(torch.empty(0, 2**32 - 1, dtype=torch.int16)))
     return seeds
