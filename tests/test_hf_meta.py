@@ -245,3 +245,28 @@ def test_warn_leaves_the_restore_loaded(tmp_path):
     assert any("the model cannot run until they are set" in str(w.message) for w in caught)
     assert _on_meta(restored) == ["scale"]
     assert torch.equal(restored.body.weight, model.body.weight)
+
+
+def test_cli_inspect_and_convert_of_a_version_2_file(tmp_path):
+    import io
+    from contextlib import redirect_stdout
+
+    from modelopt_c import cli
+
+    model = _source(Tied)
+    mto.save(model, tmp_path / "c.safetensors")
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli.main(["inspect", "--json", str(tmp_path / "c.safetensors")]) == 0
+    info = json.loads(out.getvalue())
+    assert info["format_version"] == "2"
+    assert info["tensors"]["count"] == len(model.state_dict()) - 1  # the tie stored once
+    assert info["buffer_tensors"]["count"] == 1 and info["state_tensors"]["count"] == 0
+    # to the torch format and back: the tie survives (one storage, then an alias again)
+    with redirect_stdout(io.StringIO()):
+        assert cli.main(["convert", str(tmp_path / "c.safetensors"), str(tmp_path / "c.pt")]) == 0
+        assert cli.main(["convert", str(tmp_path / "c.pt"), str(tmp_path / "d.safetensors")]) == 0
+    restored = mto.restore(Tied(), tmp_path / "c.pt")
+    assert restored.head.weight is restored.embed.weight and torch.equal(restored.embed.weight, model.embed.weight)
+    metadata, header, _ = st_format.read_header(tmp_path / "d.safetensors")
+    assert json.loads(metadata["aliases"]) == {"head.weight": "embed.weight"} and "head.weight" not in header
