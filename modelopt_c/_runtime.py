@@ -131,13 +131,14 @@ def _has_own_loading(module: nn.Module) -> bool:
     return save or load
 
 
-def _live_targets(model: nn.Module) -> tuple[dict[str, Any], bool, bool]:
+def _live_targets(model: nn.Module, meta: list | None = None) -> tuple[dict[str, Any], bool, bool]:
     """(the live tensors torch's load_state_dict copies into, by key; whether every module
     is plain; whether the loading side is torch's own everywhere, so the keys are known).
 
     Mirrors ``nn.Module._load_from_state_dict``: non-None parameters, then persistent
     non-None buffers, module by module in ``_modules`` order (shared modules repeat, as
-    in ``state_dict``).  Nothing is cloned.
+    in ``state_dict``).  Nothing is cloned.  ``meta``, when given, also gets the key of
+    every parameter and buffer (non-persistent ones too) on the meta device, from the same walk.
     """
     targets: dict[str, Any] = {}
     plain = checkable = True
@@ -153,10 +154,14 @@ def _live_targets(model: nn.Module) -> tuple[dict[str, Any], bool, bool]:
         for name, p in module._parameters.items():
             if p is not None:
                 targets[prefix + name] = p
+                if meta is not None and p.is_meta:
+                    meta.append(prefix + name)
         skip = module._non_persistent_buffers_set
         for name, b in module._buffers.items():
             if b is not None and name not in skip:
                 targets[prefix + name] = b
+            if b is not None and meta is not None and b.is_meta:
+                meta.append(prefix + name)
         children = [(prefix + name + ".", child) for name, child in module._modules.items() if child is not None]
         stack.extend(reversed(children))
     return targets, plain, checkable
@@ -311,12 +316,15 @@ def _slots(model: nn.Module) -> dict[str, tuple[nn.Module, str, Any]]:
     Shared modules repeat under each of their paths, as in ``state_dict``.
     """
     slots: dict[str, tuple[nn.Module, str, Any]] = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        dot = prefix + "." if prefix else ""
+    stack = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
         for table in (module._parameters, module._buffers):
             for name, t in table.items():
                 if t is not None:
-                    slots[dot + name] = (module, name, t)
+                    slots[prefix + name] = (module, name, t)
+        children = [(prefix + name + ".", child) for name, child in module._modules.items() if child is not None]
+        stack.extend(reversed(children))
     return slots
 
 
@@ -461,23 +469,27 @@ def plan_load(model: nn.Module, state_dict: Any, source: str) -> list | None:
     what would stay on meta raises first (``ON_META``).
     """
     state_dict, buffers = split_buffers(state_dict)
-    slots = _slots(model)
-    groups = _tied(slots)
-    targets, plain, checkable = _live_targets(model)
+    meta_keys: list[str] = []
+    targets, plain, checkable = _live_targets(model, meta_keys)
+    # ties and buffers only matter where tensors are replaced rather than copied into: meta slots
+    slots = _slots(model) if meta_keys else {}
+    groups = _tied(slots) if meta_keys else {}
     if checkable:
-        plan = check_weights(model, targets, state_dict, source) + _buffer_plan(model, slots, buffers, source)
+        plan = check_weights(model, targets, state_dict, source)
         if plain:
+            if not meta_keys:
+                return plan
+            plan += _buffer_plan(model, slots, buffers, source)
             filled = {id(dst) for _, dst, _, how in plan if how == ASSIGN}
-            left = [k for k, (_, _, t) in slots.items() if t.is_meta and id(t) not in filled]
-            _report_meta(source, left)
+            _report_meta(source, [k for k in meta_keys if id(slots[k][2]) not in filled])
             return _tie_assigns(plan, groups)
-    was_meta = {k for k, (_, _, t) in slots.items() if t.is_meta}
     load_state_dict_torch(model, state_dict, source)
-    _retie(model, groups, was_meta)
-    slots = _slots(model)
-    for key, _, src, _ in _buffer_plan(model, slots, buffers, source):
-        assign_tensor(model, key, src)
-    _report_meta(source, [k for k, (_, _, t) in _slots(model).items() if t.is_meta])
+    if meta_keys:
+        _retie(model, groups, set(meta_keys))
+        slots = _slots(model)
+        for key, _, src, _ in _buffer_plan(model, slots, buffers, source):
+            assign_tensor(model, key, src)
+        _report_meta(source, [k for k, (_, _, t) in _slots(model).items() if t.is_meta])
     return None
 
 
