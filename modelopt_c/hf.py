@@ -53,7 +53,7 @@ _WEIGHT_FILES = (
 # so after ours it patches nothing (and ours, after its, calls the originals it kept).
 _CACHE = "_modelopt_cache"
 _PATCHED = ("from_pretrained", "_from_config", "save_pretrained")
-_lock = threading.Lock()
+_lock = threading.RLock()  # a model built inside from_pretrained may call from_pretrained itself
 
 
 def is_pretrained_folder(path: Any) -> bool:
