@@ -399,6 +399,32 @@ def _save_safetensors(f: Any, state_dict: dict, modelopt_state: dict, kwargs: di
 # ---- the public functions ----------------------------------------------------------------
 
 
+def restore_weights(model: nn.Module, state: Any, weights: Any, name: str, on_meta: Any = "raise") -> nn.Module:
+    """The modes replayed and the weights loaded, as one transaction (restore, hf.restore_folder).
+
+    ``on_meta``: what to do when a tensor would be left on the meta device ("raise" or "warn").
+    A model that is already converted gets a note saying to restore into a fresh one."""
+    if on_meta not in ("raise", "warn"):
+        raise ValueError(f"on_meta must be 'raise' or 'warn', not {on_meta!r}.")
+    token = _runtime.ON_META.set(on_meta)
+    try:
+        return _conversion._restore_from_state(model, state, weights, name)
+    except AssertionError as exc:
+        _note_fresh_model(exc)
+        raise
+    finally:
+        _runtime.ON_META.reset(token)
+
+
+def _note_fresh_model(exc: AssertionError) -> None:
+    if str(exc) == "Model already has modelopt state!":
+        exc.add_note(
+            "restore() and restore_from_modelopt_state() replay the saved modes themselves: restore into a "
+            "freshly built model (e.g. MyModel() or AutoModel.from_config(config)), not one already converted."
+        )
+
+
+
 def save(model: nn.Module, f: FileLike, *, format: str | None = None, **kwargs: Any) -> None:
     """Save the model's weights with its modelopt state so ``restore()`` rebuilds it.
 
@@ -459,16 +485,10 @@ def restore(model: Any, f: FileLike, **kwargs: Any) -> nn.Module:
         if hf.is_pretrained_folder(f):
             return hf.restore_folder(model, f, **kwargs)
     on_meta = kwargs.pop("on_meta", "raise")
-    if on_meta not in ("raise", "warn"):
-        raise ValueError(f"on_meta must be 'raise' or 'warn', not {on_meta!r}.")
     model = _runtime.unwrap(_runtime.as_module(model), "raise")
     state, weights = load_checkpoint(f, kwargs, buffers=True)
     # the modes are replayed and the weights loaded as one transaction
-    token = _runtime.ON_META.set(on_meta)
-    try:
-        return _conversion._restore_from_state(model, state, weights, describe_file(f))
-    finally:
-        _runtime.ON_META.reset(token)
+    return restore_weights(model, state, weights, describe_file(f), on_meta)
 
 
 def load_modelopt_state(modelopt_state_path: FileLike, **kwargs: Any) -> dict[str, Any]:
@@ -507,4 +527,8 @@ def restore_from_modelopt_state(
         raise AssertionError("Either modelopt_state or modelopt_state_path must be provided, but not both.")
     if modelopt_state_path is not None:
         modelopt_state = load_modelopt_state(modelopt_state_path)
-    return _conversion._restore_from_state(model, modelopt_state)
+    try:
+        return _conversion._restore_from_state(model, modelopt_state)
+    except AssertionError as exc:
+        _note_fresh_model(exc)
+        raise

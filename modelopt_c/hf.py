@@ -27,6 +27,7 @@ from .checkpoint import (
     CheckpointError,
     describe_file,
     load_modelopt_state,
+    restore_weights,
     save_torch_file,
     torch_load_checked,
 )
@@ -317,8 +318,4 @@ def restore_folder(model: Any, folder: Any, **kwargs: Any) -> nn.Module:
     state = load_modelopt_state(state_path, **{k: v for k, v in kwargs.items() if k == "map_location"})
     weights = _read_weights(folder, kwargs)
     _add_tied(model, weights)
-    token = _runtime.ON_META.set(on_meta)
-    try:
-        return _conversion._restore_from_state(model, state, weights, where)
-    finally:
-        _runtime.ON_META.reset(token)
+    return restore_weights(model, state, weights, where, on_meta)

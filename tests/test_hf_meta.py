@@ -270,3 +270,17 @@ def test_cli_inspect_and_convert_of_a_version_2_file(tmp_path):
     assert restored.head.weight is restored.embed.weight and torch.equal(restored.embed.weight, model.embed.weight)
     metadata, header, _ = st_format.read_header(tmp_path / "d.safetensors")
     assert json.loads(metadata["aliases"]) == {"head.weight": "embed.weight"} and "head.weight" not in header
+
+
+def test_restoring_into_a_converted_model_says_to_use_a_fresh_one(tmp_path):
+    model = _source(Tied)
+    mto.save(model, tmp_path / "c.pt")
+    for call in (lambda: mto.restore(model, tmp_path / "c.pt"),
+                 lambda: mto.restore_from_modelopt_state(model, mto.modelopt_state(model))):
+        with pytest.raises(AssertionError) as info:
+            call()
+        assert str(info.value) == "Model already has modelopt state!"  # nvidia-modelopt's text, unchanged
+        assert info.value.__notes__ == [
+            "restore() and restore_from_modelopt_state() replay the saved modes themselves: restore into a "
+            "freshly built model (e.g. MyModel() or AutoModel.from_config(config)), not one already converted."
+        ]
