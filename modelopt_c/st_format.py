@@ -150,9 +150,9 @@ def decode_metadata_state(metadata: dict[str, str], extras: list[Any], where: st
         )
     version = metadata.get("format_version")
     if version not in FORMAT_VERSIONS:
+        known = " and ".join(map(repr, FORMAT_VERSIONS))
         raise CheckpointError(
-            f"{where}: format_version {version!r} is not supported (this modelopt_c reads {FORMAT_VERSION!r}); "
-            "upgrade modelopt_c"
+            f"{where}: format_version {version!r} is not supported (this modelopt_c reads {known}); upgrade modelopt_c"
         )
     text = metadata.get("modelopt_state")
     if text is None:
