@@ -256,3 +256,18 @@ def test_hostile_index_files_are_refused(tmp_path, clean_patches, index, message
     (tmp_path / "m" / "model.safetensors.index.json").write_text(index)
     with pytest.raises(mto.CheckpointError, match=f"'{tmp_path / 'm'}': " + message.replace("(", r"\(").replace(".", r"\.")):
         mto.restore(_build("gpt2"), tmp_path / "m")
+
+
+@pytest.mark.parametrize("skeleton", ["cpu", "empty"])
+def test_restore_of_a_pytorch_model_bin_folder_fills_declared_ties(tmp_path, skeleton):
+    """An older save_pretrained folder: pytorch_model.bin without the tied lm_head.weight.
+    In an init_empty_weights skeleton the tie is broken, so transformers' declared ties say
+    where lm_head.weight comes from."""
+    model, expected = _converted("llama", "int8")
+    state_dict = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    torch.save(state_dict, tmp_path / "pytorch_model.bin")
+    torch.save(mto.modelopt_state(model), tmp_path / "modelopt_state.pth")
+    model.config.to_json_file(tmp_path / "config.json")
+    restored = mto.restore(_build("llama", skeleton), tmp_path)
+    assert _tied(restored)
+    assert torch.equal(_logits(restored), expected)
