@@ -22,6 +22,7 @@ from ._runtime import MODELOPT_STATE_VERSION
 from .checkpoint import CheckpointError, load_modelopt_state, restore, restore_from_modelopt_state, save
 from .codec import dumps_state, loads_state
 from .config import ModeloptBaseConfig, ModeloptField
+from .hf import enable_huggingface_checkpointing
 from .mode import ModeDescriptor, _ModeDescriptor, _ModeRegistryCls, get_mode_config
 from .model_like import ModelLikeModule
 
@@ -42,6 +43,7 @@ __all__ = [
     "__version__",
     "apply_mode",
     "dumps_state",
+    "enable_huggingface_checkpointing",
     "get_mode",
     "get_mode_config",
     "load_modelopt_state",

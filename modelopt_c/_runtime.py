@@ -8,6 +8,7 @@ other way (docs/ARCHITECTURE.md lists the callbacks and why each is one).  Not p
 
 from __future__ import annotations
 
+import contextvars
 import sys
 import warnings
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import interop
+from . import _conversion, interop
 from .mode import ModeDescriptor, _ModeRegistryCls, get_mode_config
 from .model_like import ModelLikeModule
 
@@ -130,13 +131,14 @@ def _has_own_loading(module: nn.Module) -> bool:
     return save or load
 
 
-def _live_targets(model: nn.Module) -> tuple[dict[str, Any], bool, bool]:
+def _live_targets(model: nn.Module, meta: list | None = None) -> tuple[dict[str, Any], bool, bool]:
     """(the live tensors torch's load_state_dict copies into, by key; whether every module
     is plain; whether the loading side is torch's own everywhere, so the keys are known).
 
     Mirrors ``nn.Module._load_from_state_dict``: non-None parameters, then persistent
     non-None buffers, module by module in ``_modules`` order (shared modules repeat, as
-    in ``state_dict``).  Nothing is cloned.
+    in ``state_dict``).  Nothing is cloned.  ``meta``, when given, also gets the key of
+    every parameter and buffer (non-persistent ones too) on the meta device, from the same walk.
     """
     targets: dict[str, Any] = {}
     plain = checkable = True
@@ -152,10 +154,14 @@ def _live_targets(model: nn.Module) -> tuple[dict[str, Any], bool, bool]:
         for name, p in module._parameters.items():
             if p is not None:
                 targets[prefix + name] = p
+                if meta is not None and p.is_meta:
+                    meta.append(prefix + name)
         skip = module._non_persistent_buffers_set
         for name, b in module._buffers.items():
             if b is not None and name not in skip:
                 targets[prefix + name] = b
+            if b is not None and meta is not None and b.is_meta:
+                meta.append(prefix + name)
         children = [(prefix + name + ".", child) for name, child in module._modules.items() if child is not None]
         stack.extend(reversed(children))
     return targets, plain, checkable
@@ -279,19 +285,211 @@ def check_weights(model: nn.Module, targets: dict, state_dict: Any, source: str)
     return plan
 
 
+# Non-persistent buffers travel in the weights under this prefix (the safetensors-compatible
+# format stores them there: docs/FORMAT.md); restore gives them to a meta-device model.
+BUFFER_PREFIX = "__modelopt_buffer__."
+# What restore does about tensors a load would leave on the meta device: "raise" or "warn"
+# (checkpoint.restore's ``on_meta=`` option, set for the duration of one restore).
+ON_META: contextvars.ContextVar[str] = contextvars.ContextVar("modelopt_c_on_meta", default="raise")
+_SHOWN = 5  # names listed in messages before "... (N in all)"
+
+
+def split_buffers(state_dict: Any) -> tuple[Any, dict[str, Any]]:
+    """(the state dict without the ``BUFFER_PREFIX`` entries, {buffer key: tensor})."""
+    if not isinstance(state_dict, dict) or not any(
+        isinstance(k, str) and k.startswith(BUFFER_PREFIX) for k in state_dict
+    ):
+        return state_dict, {}
+    weights: dict[str, Any] = {}
+    buffers: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        if isinstance(key, str) and key.startswith(BUFFER_PREFIX):
+            buffers[key[len(BUFFER_PREFIX):]] = value
+        else:
+            weights[key] = value
+    return weights, buffers
+
+
+def _slots(model: nn.Module) -> dict[str, tuple[nn.Module, str, Any]]:
+    """Every parameter and buffer slot (non-persistent buffers too): key -> (owner, name, tensor).
+
+    Shared modules repeat under each of their paths, as in ``state_dict``.
+    """
+    slots: dict[str, tuple[nn.Module, str, Any]] = {}
+    stack = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    slots[prefix + name] = (module, name, t)
+        children = [(prefix + name + ".", child) for name, child in module._modules.items() if child is not None]
+        stack.extend(reversed(children))
+    return slots
+
+
+def _tied(slots: dict[str, tuple[nn.Module, str, Any]]) -> dict[int, list[str]]:
+    """id(tensor) -> every slot key holding that very tensor object (tied weights), in order."""
+    groups: dict[int, list[str]] = {}
+    for key, (_, _, t) in slots.items():
+        groups.setdefault(id(t), []).append(key)
+    return groups
+
+
+def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's non-persistent buffers by key (none of them is in ``state_dict``)."""
+    found: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        dot = prefix + "." if prefix else ""
+        for name in module._non_persistent_buffers_set:
+            t = module._buffers.get(name)
+            if t is not None:
+                found[dot + name] = t
+    return found
+
+
+def _buffer_plan(model: nn.Module, slots: dict, buffers: dict[str, Any], source: str) -> list:
+    """ASSIGN entries for the file's non-persistent buffers that the model has on meta.
+
+    A buffer the model holds with data keeps the model's own value (non-persistent
+    buffers are computed by the model itself); one the model does not have is ignored.
+    """
+    plan = []
+    for key, src in buffers.items():
+        slot = slots.get(key)
+        if slot is None or not isinstance(src, torch.Tensor):
+            continue
+        owner, name, dst = slot
+        if name not in owner._non_persistent_buffers_set or not dst.is_meta:
+            continue
+        if src.shape != dst.shape:
+            raise RuntimeError(
+                f"size mismatch for non-persistent buffer {key}: the checkpoint's has shape {src.shape}, the "
+                f"model's {dst.shape} (checkpoint {source}: saved from a different architecture; nothing was loaded)"
+            )
+        plan.append((key, dst, src if src.dtype == dst.dtype else src.to(dst.dtype), ASSIGN))
+    return plan
+
+
+def _meta_message(source: str, names: list[str], loaded: bool) -> str:
+    shown = ", ".join(names[:_SHOWN]) + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "")
+    verb = "are" if loaded else "would be"
+    head = f"checkpoint {source}: {len(names)} tensor(s) of the model {verb} left on the meta device (no data): {shown}."
+    why = (
+        " The checkpoint does not hold them: non-persistent buffers (e.g. a rotary embedding's inv_freq) are in "
+        "no state dict, and the torch format does not carry them. Build the model under "
+        "accelerate.init_empty_weights() (parameters on meta, buffers kept), or save in the .safetensors format "
+        "(which stores non-persistent buffers)"
+    )
+    if loaded:
+        return head + why + "; the model cannot run until they are set."
+    return head + why + ", or pass on_meta='warn' to restore() to load anyway. Nothing was loaded."
+
+
+def _report_meta(source: str, names: list[str]) -> None:
+    """Raise (the restore is then rolled back), or warn with on_meta='warn', about tensors left on meta."""
+    if not names:
+        return
+    if ON_META.get() == "warn":
+        warnings.warn(_meta_message(source, names, True), stacklevel=2)
+        return
+    raise _conversion.CheckpointError(_meta_message(source, names, False))
+
+
+def _memory(t: Any) -> tuple | None:
+    """Two tensors with the same value here are one tensor of the file (stored once, tied)."""
+    if not isinstance(t, torch.Tensor) or t.is_meta or t.numel() == 0 or t.layout is not torch.strided:
+        return None
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+
+
+def _tie_assigns(plan: list, groups: dict[int, list[str]]) -> list:
+    """Tied slots get one tensor: an ASSIGN entry carries the tuple of every key to fill
+    (``assign_tensor`` gives them all the one new tensor), and the others go.
+
+    Tied means held by one tensor in the model (``groups``), or stored as one tensor in
+    the file (the torch format shares storage, ours lists aliases): a skeleton built
+    under ``accelerate.init_empty_weights()`` has its ties broken until loading, and the
+    file says what was tied when it was saved."""
+    out: list = []
+    by_dst: dict[int, int] = {}  # id(model tensor) -> index in out
+    by_src: dict[tuple, int] = {}  # the file tensor's memory -> index in out
+    for key, dst, src, how in plan:
+        if how != ASSIGN:
+            out.append((key, dst, src, how))
+            continue
+        if id(dst) in by_dst:
+            continue
+        keys = list(groups.get(id(dst), [key]))
+        mem = _memory(src)
+        at = by_src.get(mem) if mem is not None else None
+        if at is not None:
+            out[at][0].extend(k for k in keys if k not in out[at][0])
+            by_dst[id(dst)] = at
+            continue
+        by_dst[id(dst)] = len(out)
+        if mem is not None:
+            by_src[mem] = len(out)
+        out.append((keys, dst, src, how))
+    return [(k if h != ASSIGN else tuple(k) if len(k) > 1 else k[0], d, t, h) for k, d, t, h in out]
+
+
+def _retie(model: nn.Module, groups: dict[int, list[str]], was_meta: set[str]) -> None:
+    """After torch's assign-loading (which replaces each slot on its own), tie again: every
+    group of slots that held one tensor, and the slots that were on meta and got one tensor
+    of the file, hold one tensor object (the first slot's)."""
+    slots = _slots(model)
+    merged: list[list[str]] = [keys for keys in groups.values() if len(keys) > 1]
+    by_mem: dict[tuple, list[str]] = {}
+    for key in was_meta:
+        mem = _memory(slots[key][2]) if key in slots else None
+        if mem is not None:
+            by_mem.setdefault(mem, []).append(key)
+    order = {k: i for i, k in enumerate(slots)}
+    merged.extend(sorted(keys, key=order.__getitem__) for keys in by_mem.values() if len(keys) > 1)
+    for keys in merged:
+        present = [k for k in keys if k in slots]
+        if len(present) < 2:
+            continue
+        first = slots[present[0]][2]
+        for key in present[1:]:
+            owner, name, t = slots[key]
+            if t is not first:
+                table = owner._parameters if name in owner._parameters else owner._buffers
+                table[name] = first
+
+
 def plan_load(model: nn.Module, state_dict: Any, source: str) -> list | None:
     """Check the file's weights against ``model``, then say how to load them.
 
     A model whose every module is plain gets the list of copies for the native loop.
     Otherwise the modules' own ``load_state_dict`` runs here (after the same checks,
-    when no module customises the loading side) and None is returned.
+    when no module customises the loading side) and None is returned.  Non-persistent
+    buffers (``BUFFER_PREFIX`` keys) fill the model's meta ones; tied tensors stay tied;
+    what would stay on meta raises first (``ON_META``).
     """
-    targets, plain, checkable = _live_targets(model)
+    state_dict, buffers = split_buffers(state_dict)
+    meta_keys: list[str] = []
+    targets, plain, checkable = _live_targets(model, meta_keys)
+    # ties and buffers only matter where tensors are replaced rather than copied into: meta slots
+    slots = _slots(model) if meta_keys else {}
+    groups = _tied(slots) if meta_keys else {}
     if checkable:
         plan = check_weights(model, targets, state_dict, source)
         if plain:
-            return plan
+            if not meta_keys:
+                return plan
+            plan += _buffer_plan(model, slots, buffers, source)
+            filled = {id(dst) for _, dst, _, how in plan if how == ASSIGN}
+            _report_meta(source, [k for k in meta_keys if id(slots[k][2]) not in filled])
+            return _tie_assigns(plan, groups)
     load_state_dict_torch(model, state_dict, source)
+    if meta_keys:
+        _retie(model, groups, set(meta_keys))
+        slots = _slots(model)
+        for key, _, src, _ in _buffer_plan(model, slots, buffers, source):
+            assign_tensor(model, key, src)
+        _report_meta(source, [k for k, (_, _, t) in _slots(model).items() if t.is_meta])
     return None
 
 
@@ -307,12 +505,19 @@ def load_state_dict_torch(model: nn.Module, state_dict: dict, source: str) -> No
         raise
 
 
-def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
-    """Make ``tensor`` the model's parameter or buffer ``key`` (for meta-device models)."""
-    prefix, _, name = key.rpartition(".")
-    owner = model.get_submodule(prefix) if prefix else model
-    if name in owner._parameters:
-        old = owner._parameters[name]
-        owner._parameters[name] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else True)
-    else:
-        owner._buffers[name] = tensor
+def assign_tensor(model: nn.Module, key: Any, tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the model's parameter or buffer ``key`` (for meta-device models).
+
+    ``key`` may be a tuple of keys: tied slots, which all get the one new tensor."""
+    keys = key if isinstance(key, tuple) else (key,)
+    new = None
+    for k in keys:
+        prefix, _, name = k.rpartition(".")
+        owner = model.get_submodule(prefix) if prefix else model
+        if name in owner._parameters:
+            if new is None:
+                old = owner._parameters[name]
+                new = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else True)
+            owner._parameters[name] = new
+        else:
+            owner._buffers[name] = tensor if new is None else new

@@ -318,14 +318,17 @@ def _st_map_location(weights: dict, map_location: Any, name: str) -> dict:
     return {k: v.to(device) for k, v in weights.items()}
 
 
-def load_checkpoint(f: Any, kwargs: dict[str, Any] | None = None, *, plain: bool = False) -> tuple[Any, dict]:
+def load_checkpoint(
+    f: Any, kwargs: dict[str, Any] | None = None, *, plain: bool = False, buffers: bool = False
+) -> tuple[Any, dict]:
     """(modelopt_state, model_state_dict) from a checkpoint written by ``save`` (either format).
 
     ``kwargs``: restore's options: ``verify`` (ours: the safetensors format's per-tensor
     checksums, on by default; torch's format has none, see ``python -m modelopt_c
     verify``), the rest for ``torch.load`` (``map_location`` also moves safetensors
     tensors).  ``plain=True`` (the CLI) also takes a plain state dict, saved by torch or
-    safetensors: its modelopt_state is then None.
+    safetensors: its modelopt_state is then None.  ``buffers=True`` (restore) keeps the
+    safetensors format's non-persistent buffers in the weights, under ``_runtime.BUFFER_PREFIX``.
     """
     kwargs = dict(kwargs or {})
     name = describe_file(f)
@@ -338,7 +341,7 @@ def load_checkpoint(f: Any, kwargs: dict[str, Any] | None = None, *, plain: bool
 
         if not _is_path(f):
             raise TypeError(f"{name}: restoring the safetensors-compatible format needs a file path.")
-        state, weights = st_format.load_file(f, verify=verify, plain=plain)
+        state, weights = st_format.load_file(f, verify=verify, plain=plain, buffers=buffers)
         return state, _st_map_location(weights, kwargs.get("map_location"), name)
     objs = torch_load_checked(f, kwargs)
     if isinstance(objs, dict) and "model_state_dict" in objs and ("modelopt_state" in objs or plain):
@@ -347,6 +350,13 @@ def load_checkpoint(f: Any, kwargs: dict[str, Any] | None = None, *, plain: bool
         if isinstance(objs, dict) and all(isinstance(v, torch.Tensor) for v in objs.values()):
             return None, objs
         raise CheckpointError(f"{name}: a torch file, but not a modelopt checkpoint or a state dict")
+    if isinstance(objs, dict) and "modelopt_state_dict" in objs and "modelopt_version" in objs:
+        raise CheckpointError(
+            f"{name} holds only a modelopt state (no weights), as save_pretrained writes it "
+            "(modelopt_state.pth) or torch.save(modelopt_state(model)) does: call "
+            "restore_from_modelopt_state(model, load_modelopt_state(path)) for it, then load the weights "
+            "(or restore(model, folder) for a whole save_pretrained folder)."
+        )
     what = sorted(map(str, objs))[:5] if isinstance(objs, dict) else type(objs).__name__
     raise CheckpointError(
         f"{name} is not a modelopt checkpoint: expected a dict with 'modelopt_state' and "
@@ -393,7 +403,7 @@ def save_torch_file(path: Any, obj: Any, **kwargs: Any) -> None:
     _conversion._save_torch_file(path, obj, **kwargs)
 
 
-def _save_safetensors(f: Any, state_dict: dict, modelopt_state: dict, kwargs: dict) -> None:
+def _save_safetensors(f: Any, state_dict: dict, modelopt_state: dict, kwargs: dict, buffers: Any = None) -> None:
     """Write the safetensors-compatible format (paths only: it is staged and renamed)."""
     if not _is_path(f):
         raise TypeError("format='safetensors' needs a file path (it is written crash-safely through a temp file).")
@@ -401,10 +411,36 @@ def _save_safetensors(f: Any, state_dict: dict, modelopt_state: dict, kwargs: di
         raise TypeError(f"save(format='safetensors') takes no torch.save options; got {sorted(kwargs)}.")
     from . import st_format
 
-    st_format.save_file(f, state_dict, modelopt_state)
+    st_format.save_file(f, state_dict, modelopt_state, buffers=buffers)
 
 
 # ---- the public functions ----------------------------------------------------------------
+
+
+def restore_weights(model: nn.Module, state: Any, weights: Any, name: str, on_meta: Any = "raise") -> nn.Module:
+    """The modes replayed and the weights loaded, as one transaction (restore, hf.restore_folder).
+
+    ``on_meta``: what to do when a tensor would be left on the meta device ("raise" or "warn").
+    A model that is already converted gets a note saying to restore into a fresh one."""
+    if on_meta not in ("raise", "warn"):
+        raise ValueError(f"on_meta must be 'raise' or 'warn', not {on_meta!r}.")
+    token = _runtime.ON_META.set(on_meta)
+    try:
+        return _conversion._restore_from_state(model, state, weights, name)
+    except AssertionError as exc:
+        _note_fresh_model(exc)
+        raise
+    finally:
+        _runtime.ON_META.reset(token)
+
+
+def _note_fresh_model(exc: AssertionError) -> None:
+    if str(exc) == "Model already has modelopt state!":
+        exc.add_note(
+            "restore() and restore_from_modelopt_state() replay the saved modes themselves: restore into a "
+            "freshly built model (e.g. MyModel() or AutoModel.from_config(config)), not one already converted."
+        )
+
 
 
 def save(model: nn.Module, f: FileLike, *, format: str | None = None, **kwargs: Any) -> None:
@@ -421,7 +457,7 @@ def save(model: nn.Module, f: FileLike, *, format: str | None = None, **kwargs: 
     state = _conversion.modelopt_state(model)
     weights = model.state_dict()
     if checkpoint_format(f, format) == "safetensors":
-        _save_safetensors(f, weights, state, kwargs)
+        _save_safetensors(f, weights, state, kwargs, _runtime.non_persistent_buffers(model))
         return
     ckpt = {"modelopt_state": state, "model_state_dict": weights}
     if isinstance(f, (str, bytes, os.PathLike)):
@@ -449,16 +485,28 @@ def restore(model: Any, f: FileLike, **kwargs: Any) -> nn.Module:
     load through their own load_state_dict, from the same mapped tensors.  Restore into
     the unwrapped model (a wrapped one raises ValueError), then wrap it.
 
+    Meta-device models: tied tensors stay tied (one tensor), the safetensors format's
+    non-persistent buffers fill the model's meta ones, and when a tensor would still be
+    left on meta (e.g. a rotary ``inv_freq`` from a torch-format file) a CheckpointError
+    lists them before anything is loaded; ``on_meta='warn'`` warns and loads instead.
+    ``f`` may also be a ``save_pretrained`` folder (``modelopt_c.hf.restore_folder``).
+
     Transactional: when the weights do not fit or a mode's restore raises, every module
     of the model gets back its class, attributes, submodules, parameters, buffers, hooks
     and modelopt state, and the exception is re-raised.  Not undone: tensor data a mode's
     restore changes in place, state outside the model's modules, and copies already made
     when a copy itself fails midway (after every check passed: e.g. a device error).
     """
+    if _is_path(f) and os.path.isdir(f):
+        from . import hf  # a save_pretrained folder (config.json / modelopt_state.pth)
+
+        if hf.is_pretrained_folder(f):
+            return hf.restore_folder(model, f, **kwargs)
+    on_meta = kwargs.pop("on_meta", "raise")
     model = _runtime.unwrap(_runtime.as_module(model), "raise")
-    state, weights = load_checkpoint(f, kwargs)
+    state, weights = load_checkpoint(f, kwargs, buffers=True)
     # the modes are replayed and the weights loaded as one transaction
-    return _conversion._restore_from_state(model, state, weights, describe_file(f))
+    return restore_weights(model, state, weights, describe_file(f), on_meta)
 
 
 def load_modelopt_state(modelopt_state_path: FileLike, **kwargs: Any) -> dict[str, Any]:
@@ -497,4 +545,8 @@ def restore_from_modelopt_state(
         raise AssertionError("Either modelopt_state or modelopt_state_path must be provided, but not both.")
     if modelopt_state_path is not None:
         modelopt_state = load_modelopt_state(modelopt_state_path)
-    return _conversion._restore_from_state(model, modelopt_state)
+    try:
+        return _conversion._restore_from_state(model, modelopt_state)
+    except AssertionError as exc:
+        _note_fresh_model(exc)
+        raise

@@ -294,11 +294,16 @@ def inspect_file(path: str) -> dict[str, Any]:
         info["data_start"] = data_start
         info["metadata"] = {k: f"{len(v)} chars" for k, v in metadata.items()}
         model = [
-            (n, d, list(s), e - b) for n, (d, s, b, e) in header.items() if not n.startswith(st.RESERVED_PREFIX)
+            (n, d, list(s), e - b)
+            for n, (d, s, b, e) in header.items()
+            if not n.startswith((st.RESERVED_PREFIX, st.BUFFER_PREFIX))
         ]
         extras = [(n, d, list(s), e - b) for n, (d, s, b, e) in header.items() if n.startswith(st.RESERVED_PREFIX)]
         info["tensors"] = _tensor_facts(model)
         info["state_tensors"] = _tensor_facts(extras)
+        buffers = [(n, d, list(s), e - b) for n, (d, s, b, e) in header.items() if n.startswith(st.BUFFER_PREFIX)]
+        if buffers:  # version 2: non-persistent buffers (docs/FORMAT.md)
+            info["buffer_tensors"] = _tensor_facts(buffers)
         info["checksums"] = metadata.get("checksum_algorithm", "none")
         if kind == KIND_OURS:
             info["format_version"] = metadata.get("format_version")
