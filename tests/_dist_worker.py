@@ -163,7 +163,7 @@ def main() -> None:
     phase, folder, rank, world, port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
-    if rank == 0 and phase in ("ddp", "save"):
+    if rank == 0 and phase in ("ddp", "save", "kill"):
         torch.save(dict(converted().state_dict()), os.path.join(folder, "ref.pt"))
     dist.barrier()
     if phase == "ddp":
