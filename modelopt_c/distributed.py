@@ -45,6 +45,8 @@ from . import _conversion, _runtime
 
 __all__ = [
     "STATE_FILE",
+    "check_folder",
+    "folder_facts",
     "is_dcp_folder",
     "load_folder",
     "read_folder_state",
@@ -232,7 +234,94 @@ def read_metadata(folder: Any) -> Any:
         ) from exc
     if not isinstance(meta, Metadata):
         raise CheckpointError(f"{path!r} holds a {type(meta).__name__}, not DCP's Metadata; nothing was loaded.")
+    if not isinstance(meta.state_dict_metadata, dict) or not isinstance(meta.storage_data, dict):
+        raise CheckpointError(f"{path!r}: DCP metadata without its item tables; nothing was loaded.")
+    for index, info in meta.storage_data.items():
+        name = getattr(info, "relative_path", None)
+        # a data file is a plain name inside the folder: never a path that leaves it
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise CheckpointError(
+                f"{path!r}: item {getattr(index, 'fqn', index)!r} names the data file {name!r}, which is not a "
+                "file of this folder; nothing was loaded."
+            )
+        for field in ("offset", "length"):
+            value = getattr(info, field, None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CheckpointError(
+                    f"{path!r}: item {getattr(index, 'fqn', index)!r} has {field} {value!r}; nothing was loaded."
+                )
     return meta
+
+
+def _items(meta: Any) -> list[tuple[str, str, list[int], int]]:
+    """(name, dtype, global shape, bytes) of every tensor a DCP folder holds."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    out = []
+    for name, md in meta.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            dtype = md.properties.dtype
+            numel = 1
+            for n in md.size:
+                numel *= int(n)
+            out.append((name, str(dtype).replace("torch.", ""), list(md.size), numel * dtype.itemsize))
+    return out
+
+
+def folder_facts(folder: Any) -> dict[str, Any]:
+    """What a DCP folder holds, from its metadata and file sizes (no tensor is read):
+    ``tensors`` [(name, dtype, shape, bytes)], ``other_items``, ``data_files``,
+    ``size_bytes`` and ``state`` (the decoded modelopt state)."""
+    meta = read_metadata(folder)
+    tensors = _items(meta)
+    files = sorted({info.relative_path for info in meta.storage_data.values()})
+    size = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+    return {
+        "tensors": tensors,
+        "other_items": len(meta.state_dict_metadata) - len(tensors),
+        "data_files": files,
+        "size_bytes": size,
+        "state": read_folder_state(folder),
+    }
+
+
+def check_folder(folder: Any) -> str:
+    """Check a DCP folder fully (CheckpointError naming what is wrong); returns what was checked.
+
+    The metadata (restricted unpickler), every item's bytes present in its data file,
+    the modelopt state decoding, and every item loaded (weights_only) with the dtype
+    and shape the metadata gives.
+    """
+    from .checkpoint import CheckpointError
+
+    meta = read_metadata(folder)
+    sizes: dict[str, int] = {}
+    for index, info in meta.storage_data.items():
+        path = os.path.join(os.fspath(folder), info.relative_path)
+        if info.relative_path not in sizes:
+            try:
+                sizes[info.relative_path] = os.stat(path).st_size
+            except FileNotFoundError:
+                raise CheckpointError(f"{os.fspath(folder)!r}: data file {info.relative_path!r} is missing") from None
+        if info.offset + info.length > sizes[info.relative_path]:
+            raise CheckpointError(
+                f"{os.fspath(folder)!r}: item {index.fqn!r} ends at byte {info.offset + info.length} of "
+                f"{info.relative_path!r}, which has {sizes[info.relative_path]} bytes (truncated?)"
+            )
+    try:
+        _, weights = load_folder(folder)
+    except CheckpointError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(f"{os.fspath(folder)!r}: an item does not load ({_first_line(exc)})") from exc
+    for name, dtype, shape, _ in _items(meta):
+        t = weights.get(name)
+        if not isinstance(t, torch.Tensor) or str(t.dtype).replace("torch.", "") != dtype or list(t.shape) != shape:
+            raise CheckpointError(f"{os.fspath(folder)!r}: item {name!r} does not load as {dtype} {shape}")
+    return (f"DCP metadata read (restricted unpickler), {len(meta.storage_data)} items in "
+            f"{len(sizes)} data files present, every item loads (weights_only=True), modelopt_state decodes")
 
 
 def _safe_reader(folder: Any) -> Any:
