@@ -159,6 +159,45 @@ def phase_kill(folder: str, rank: int, world: int) -> dict:
                 "left": sorted(os.listdir(folder))}
 
 
+def _int8_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def phase_int8(folder: str, rank: int, world: int) -> dict:
+    """nvidia-modelopt's INT8 quantization on an FSDP2 model: saved and restored through us."""
+    import modelopt.torch.quantization as mtq
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def calibrate(model):
+        torch.manual_seed(2)
+        for _ in range(4):
+            model(torch.randn(8, 16))
+
+    def sharded(model):
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model[2], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    quantized = mtq.quantize(_int8_net(), mtq.INT8_DEFAULT_CFG, calibrate)
+    if rank == 0:
+        torch.save(dict(quantized.state_dict()), os.path.join(folder, "int8-ref.pt"))
+    torch.manual_seed(1)
+    x = torch.randn(4, 16)
+    want = quantized(x)
+    target = os.path.join(folder, "int8")
+    mto.save(sharded(quantized), target)
+    restored = mto.restore(sharded(_int8_net()), target)
+    return {
+        "diff": same_as(restored, os.path.join(folder, "int8-ref.pt")),
+        "class": type(restored[0]).__name__,
+        "same_output": bool(torch.equal(restored(x), want)),
+    }
+
+
 def main() -> None:
     phase, folder, rank, world, port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
@@ -174,6 +213,8 @@ def main() -> None:
         result = phase_restore(folder, rank, world, int(phase.rsplit("-", 1)[1]))
     elif phase == "kill":
         result = phase_kill(folder, rank, world)
+    elif phase == "int8":
+        result = phase_int8(folder, rank, world)
     else:
         raise SystemExit(f"unknown phase {phase!r}")
     print("RESULT " + json.dumps(result), flush=True)

@@ -145,3 +145,16 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
     model = mto.restore(TinyNet(), tmp_path / "killed")
     _bitwise_equal(model.state_dict(), _ref(tmp_path))
     assert not torch.equal(model.fc1.weight, _ref(tmp_path, "ref2.pt")["fc1.weight"])
+
+
+def test_nvidia_int8_quantized_fsdp2_model_saves_and_restores_through_us(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("modelopt") is None:
+        pytest.skip("nvidia-modelopt is not installed (pip install nvidia-modelopt)")
+    for r in spawn("int8", tmp_path, 2):
+        # its quantize mode replayed on a fresh FSDP2 model, then every shard and amax loaded
+        assert r == {"diff": [], "class": "QuantFSDPLinear", "same_output": True}
+    state, weights = distributed.load_folder(tmp_path / "int8")
+    assert [name for name, _ in state["modelopt_state_dict"]] == ["quantize", "max_calibrate"]
+    _bitwise_equal(weights, _ref(tmp_path, "int8-ref.pt"))
