@@ -97,7 +97,13 @@ def phase_ddp(folder: str, rank: int, world: int) -> dict:
         bad = "saved"
     except ValueError as exc:
         bad = f"ValueError: {exc}"
+    try:  # the writer fails: it raises its own error, the others learn it
+        mto.save(ddp, os.path.join(folder, "no", "such", "x.pt"))
+        failed = "saved"
+    except Exception as exc:  # noqa: BLE001 - the message is the result
+        failed = f"{type(exc).__name__}: {exc}"
     return {
+        "failed_write": failed,
         "writes": writes,
         "size_after_return": size_after_return,
         "restored_diff": ok0,

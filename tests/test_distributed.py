@@ -85,7 +85,7 @@ def saved(tmp_path_factory):
 def test_ddp_saves_once_and_every_rank_restores(tmp_path):
     r0, r1 = spawn("ddp", tmp_path, 2)
     # rank 0 wrote ddp.pt and its own ddp-rank0.pt; rank 1 the named-writer file and its own
-    assert r0["writes"] == ["ddp.pt", "ddp-rank0.pt"]
+    assert r0["writes"] == ["ddp.pt", "ddp-rank0.pt", "x.pt"]  # x.pt: the failed write below
     assert r1["writes"] == ["ddp1.pt", "ddp-rank1.pt"]
     for r in (r0, r1):
         # back from save only once the file is whole: its size is the final size, and it restores
@@ -97,6 +97,10 @@ def test_ddp_saves_once_and_every_rank_restores(tmp_path):
     for name in ("ddp.pt", "ddp1.pt", "ddp-rank0.pt", "ddp-rank1.pt"):
         _bitwise_equal(mto.restore(TinyNet(), tmp_path / name).state_dict(), ref)
     assert not (tmp_path / "bad.pt").exists()
+    missing = str(tmp_path / "no" / "such" / "x.pt")
+    assert r0["failed_write"] == f"FileNotFoundError: [Errno 2] No such file or directory: {missing!r}"
+    assert r1["failed_write"] == (f"CheckpointError: save: rank 0 failed to write {missing!r} (its own error says "
+                                  "why); nothing was written.")
 
 
 @pytest.mark.parametrize("world", [2, 4])
