@@ -141,7 +141,7 @@ bridge_handle(CheckpointState *cs, PyObject *tensor)
     AtbError err = {{0}};
 
     if ((detached = PyObject_CallMethodNoArgs(tensor, cs->s_detach)) == NULL ||
-        (capsule = PyObject_CallMethodNoArgs(detached, cs->s_dlpack)) == NULL) {
+        (capsule = PyObject_CallOneArg(cs->to_dlpack, detached)) == NULL) {
         goto done;
     }
     void *dlm = PyCapsule_GetPointer(capsule, "dltensor");
@@ -276,15 +276,19 @@ int
 checkpoint_state_init(PyObject *module, CheckpointState *cs)
 {
     (void)module;
-    PyObject *torch = PyImport_ImportModule("torch");
+    PyObject *torch = PyImport_ImportModule("torch"), *torch_c = NULL;
     if (torch == NULL) {
         return -1;
     }
     cs->torch_save = PyObject_GetAttrString(torch, "save");
+    torch_c = PyObject_GetAttrString(torch, "_C");
     Py_DECREF(torch);
-    if (cs->torch_save == NULL ||
+    if (torch_c != NULL) {
+        cs->to_dlpack = PyObject_GetAttrString(torch_c, "_to_dlpack");
+        Py_DECREF(torch_c);
+    }
+    if (cs->torch_save == NULL || cs->to_dlpack == NULL ||
         (cs->s_detach = PyUnicode_InternFromString("detach")) == NULL ||
-        (cs->s_dlpack = PyUnicode_InternFromString("__dlpack__")) == NULL ||
         (cs->s_copy_ = PyUnicode_InternFromString("copy_")) == NULL) {
         return -1;
     }
@@ -295,6 +299,7 @@ int
 checkpoint_state_traverse(CheckpointState *cs, visitproc visit, void *arg)
 {
     Py_VISIT(cs->torch_save);
+    Py_VISIT(cs->to_dlpack);
     return 0;
 }
 
@@ -303,6 +308,6 @@ checkpoint_state_clear(CheckpointState *cs)
 {
     Py_CLEAR(cs->torch_save);
     Py_CLEAR(cs->s_detach);
-    Py_CLEAR(cs->s_dlpack);
+    Py_CLEAR(cs->to_dlpack);
     Py_CLEAR(cs->s_copy_);
 }

@@ -7,7 +7,8 @@
 typedef struct {
     PyObject *torch_save;     /* torch.save */
     PyObject *s_detach;
-    PyObject *s_dlpack;       /* "__dlpack__" */
+    PyObject *to_dlpack;      /* torch._C._to_dlpack: unlike Tensor.__dlpack__, it exports a
+                               * CUDA tensor that is not on the current device */
     PyObject *s_copy_;
 } CheckpointState;
 

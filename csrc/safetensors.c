@@ -7,11 +7,13 @@
 int
 sft_state_init(SftState *ss)
 {
-    PyObject *torch = PyImport_ImportModule("torch"), *nn = NULL;
+    PyObject *torch = PyImport_ImportModule("torch"), *nn = NULL, *torch_c = NULL;
     int rc = -1;
     if (torch == NULL || (ss->Tensor = PyObject_GetAttrString(torch, "Tensor")) == NULL ||
         (ss->strided = PyObject_GetAttrString(torch, "strided")) == NULL ||
         (ss->from_dlpack = PyObject_GetAttrString(torch, "from_dlpack")) == NULL ||
+        (torch_c = PyObject_GetAttrString(torch, "_C")) == NULL ||
+        (ss->to_dlpack = PyObject_GetAttrString(torch_c, "_to_dlpack")) == NULL ||
         (nn = PyObject_GetAttrString(torch, "nn")) == NULL ||
         (ss->Parameter = PyObject_GetAttrString(nn, "Parameter")) == NULL ||
         (ss->s_checksums = PyUnicode_InternFromString("checksums")) == NULL ||
@@ -22,6 +24,7 @@ sft_state_init(SftState *ss)
 done:
     Py_XDECREF(torch);
     Py_XDECREF(nn);
+    Py_XDECREF(torch_c);
     return rc;
 }
 
@@ -32,6 +35,7 @@ sft_state_traverse(SftState *ss, visitproc visit, void *arg)
     Py_VISIT(ss->Parameter);
     Py_VISIT(ss->strided);
     Py_VISIT(ss->from_dlpack);
+    Py_VISIT(ss->to_dlpack);
     return 0;
 }
 
@@ -42,6 +46,7 @@ sft_state_clear(SftState *ss)
     Py_CLEAR(ss->Parameter);
     Py_CLEAR(ss->strided);
     Py_CLEAR(ss->from_dlpack);
+    Py_CLEAR(ss->to_dlpack);
     Py_CLEAR(ss->s_checksums);
     Py_CLEAR(ss->s_checksum_algorithm);
 }

@@ -15,6 +15,7 @@ typedef struct {
     PyObject *Parameter;   /* torch.nn.Parameter */
     PyObject *strided;     /* torch.strided */
     PyObject *from_dlpack; /* torch.from_dlpack */
+    PyObject *to_dlpack;   /* torch._C._to_dlpack: exports a CUDA tensor off the current device */
     PyObject *s_checksums;          /* "checksums" */
     PyObject *s_checksum_algorithm; /* "checksum_algorithm" */
 } SftState;

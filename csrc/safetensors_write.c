@@ -120,9 +120,11 @@ done:
     return rc;
 }
 
-/* An AtbTensor over a torch tensor's storage (via DLPack; no copy). */
+/* An AtbTensor over a torch tensor's storage (via DLPack; no copy).  Exported by
+ * torch._C._to_dlpack (`to_dlpack`): Tensor.__dlpack__ refuses a CUDA tensor that is
+ * not on the current device, and a model may span several (each is staged from its own). */
 static int
-sft_tensor_handle(PyObject *tensor, AtbTensor **out)
+sft_tensor_handle(PyObject *tensor, PyObject *to_dlpack, AtbTensor **out)
 {
     PyObject *detached = NULL, *cap = NULL;
     AtbError err;
@@ -149,7 +151,7 @@ sft_tensor_handle(PyObject *tensor, AtbTensor **out)
             }
         }
     }
-    if ((cap = PyObject_CallMethod(detached, "__dlpack__", NULL)) == NULL) {
+    if ((cap = PyObject_CallOneArg(to_dlpack, detached)) == NULL) {
         goto done;
     }
     void *dlm = PyCapsule_GetPointer(cap, "dltensor");
@@ -217,7 +219,7 @@ sft_add_tensor(SftWriter *w, PyObject *key, PyObject *value)
     }
     o->name = Py_NewRef(key);
     w->order[w->nout++] = o; /* o is released with the others from here on */
-    if (sft_tensor_handle(value, &o->tensor) < 0) {
+    if (sft_tensor_handle(value, w->st->sft.to_dlpack, &o->tensor) < 0) {
         return sft_rewrap(w->st, w->display, "cannot read tensor %R", key);
     }
     return sft_describe(w, o, value, key);

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Union
 import torch
 import torch.nn as nn
 
-from . import _conversion, _runtime, torch_zip
+from . import _conversion, _runtime, distributed, torch_zip
 
 __all__ = [
     "CheckpointError",
@@ -453,6 +453,9 @@ def save(model: nn.Module, f: FileLike, *, format: str | None = None, **kwargs: 
     leaves the old file or the new one, never a broken one.  A wrapped model
     (DataParallel, DDP, FSDP) is unwrapped with a warning.
     """
+    rank = kwargs.pop("rank", None)
+    if distributed.wants_save(model, f, format, rank):
+        return distributed.save(model, f, format=format, rank=rank, kwargs=kwargs)
     model = _runtime.unwrap(model, "warn")
     state = _conversion.modelopt_state(model)
     weights = model.state_dict()
@@ -497,6 +500,8 @@ def restore(model: Any, f: FileLike, **kwargs: Any) -> nn.Module:
     restore changes in place, state outside the model's modules, and copies already made
     when a copy itself fails midway (after every check passed: e.g. a device error).
     """
+    if distributed.is_dcp_folder(f):  # a torch.distributed.checkpoint folder (.metadata)
+        return distributed.restore_folder(model, f, kwargs)
     if _is_path(f) and os.path.isdir(f):
         from . import hf  # a save_pretrained folder (config.json / modelopt_state.pth)
 

@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-from . import st_format
+from . import distributed, st_format
 from .checkpoint import (
     CheckpointError,
     load_checkpoint as _load,
@@ -34,6 +34,7 @@ KIND_TORCH = "torch"
 KIND_OURS = "modelopt_c safetensors"
 KIND_PLAIN = "safetensors"
 KIND_UNKNOWN = "unknown"
+KIND_DCP = "dcp folder"
 
 EPILOG = """\
 examples:
@@ -43,6 +44,9 @@ examples:
   python -m modelopt_c convert model.safetensors model.pt
   python -m modelopt_c convert ckpt.bin out.bin --to safetensors
   python -m modelopt_c verify model.safetensors && echo intact
+  python -m modelopt_c inspect ckpt_dir            (a DCP folder written by save of a sharded model)
+  python -m modelopt_c convert ckpt_dir model.pt   (DCP folder -> one file)
+  python -m modelopt_c convert model.pt ckpt_dir --to dcp
 
 exit status: 0 ok, 1 a corrupt/refused/unreadable checkpoint, 2 usage error.
 """
@@ -265,9 +269,23 @@ def _a(value: Any) -> str:
     return ("an " if name[:1] in "aeiou" else "a ") + name
 
 
+def inspect_folder(path: str) -> dict[str, Any]:
+    """What a DCP folder holds, from its metadata (no tensor is read)."""
+    facts = distributed.folder_facts(path)
+    info: dict[str, Any] = {"file": path, "format": KIND_DCP, "size_bytes": facts["size_bytes"]}
+    info["data_files"] = facts["data_files"]
+    info["modelopt_version"], info["modes"] = _modes(facts["state"], path)
+    info["tensors"] = _tensor_facts(facts["tensors"])
+    if facts["other_items"]:
+        info["other_items"] = facts["other_items"]
+    return info
+
+
 def inspect_file(path: str) -> dict[str, Any]:
     """What is in a checkpoint, as a JSON-able dict (loads no code; maps, never copies)."""
     st = st_format
+    if distributed.is_dcp_folder(path):
+        return inspect_folder(path)
     kind = detect_kind(path)
     info: dict[str, Any] = {"file": path, "format": kind, "size_bytes": os.path.getsize(path)}
     if kind == KIND_TORCH:
@@ -329,6 +347,8 @@ def _print_inspect(info: dict[str, Any], out: TextIO) -> None:
         w(f"modelopt:    {info['modelopt_version']}")
     if "keys" in info:
         w(f"keys:        {', '.join(info['keys'])}")
+    if "data_files" in info:
+        w(f"data files:  {len(info['data_files'])} ({', '.join(info['data_files'])})")
     if "metadata" in info:
         w("metadata:")
         for k, v in info["metadata"].items():
@@ -367,6 +387,8 @@ def _progress_printer(label: str, every_mb: int, err: TextIO) -> Callable[[int, 
 def _target_kind(out: str, to: str | None) -> str | None:
     if to:
         return to
+    if os.path.isdir(out) or out.endswith(os.sep):
+        return "dcp"
     ext = os.path.splitext(out)[1].lower()
     if ext == ".safetensors":
         return "safetensors"
@@ -412,16 +434,22 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     target = _target_kind(args.out, args.to)
     if target is None:
-        print(f"convert: cannot tell the format of {args.out!r} from its extension; pass --to torch|safetensors", file=err)
+        print(f"convert: cannot tell the format of {args.out!r} from its extension; pass --to torch|safetensors|dcp", file=err)
         return EXIT_USAGE
     try:
-        state, state_dict, kind = load_checkpoint(args.input)
-    except CheckpointError as exc:
+        if distributed.is_dcp_folder(args.input):
+            (state, state_dict), kind = distributed.load_folder(args.input), KIND_DCP
+            _modes(state, args.input)
+        else:
+            state, state_dict, kind = load_checkpoint(args.input)
+    except (CheckpointError, ValueError) as exc:
         return _fail(args.input, exc, err)
     if state is None:
         return _fail(args.input, "has no modelopt_state (a plain state dict); nothing modelopt-specific to convert", err)
     try:
-        if target == "safetensors":
+        if target == "dcp":
+            distributed.write_folder(args.out, state_dict, state)
+        elif target == "safetensors":
             st_format.save_file(args.out, state_dict, state, progress=_progress_printer("convert", args.progress_mb, err))
         else:
             save_torch_file(args.out, {"modelopt_state": state, "model_state_dict": state_dict})
@@ -434,10 +462,12 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     path = args.file
     try:
-        kind = detect_kind(path)
-        if kind == KIND_UNKNOWN:
+        kind = KIND_DCP if distributed.is_dcp_folder(path) else detect_kind(path)
+        if kind == KIND_DCP:
+            detail = distributed.check_folder(path)
+        elif kind == KIND_UNKNOWN:
             raise CheckpointError(f"{path}: neither a torch (zip) checkpoint nor a safetensors file")
-        if kind == KIND_TORCH:
+        elif kind == KIND_TORCH:
             problems = zip_problems(path)
             if problems:
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -504,13 +534,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("convert", help="torch format <-> modelopt_c safetensors format",
-                       description="Convert between the torch format and the modelopt_c safetensors format. "
-                       "The direction comes from OUT's extension (.safetensors, or .pt/.pth/.bin/.ckpt) or --to. "
-                       "Loads safely, writes crash-safely (temp file, fsync, rename).")
+    p = sub.add_parser("convert", help="torch format <-> modelopt_c safetensors format <-> DCP folder",
+                       description="Convert between the torch format, the modelopt_c safetensors format and "
+                       "DCP folders (torch.distributed.checkpoint, written by save of a sharded model). "
+                       "The direction comes from OUT's extension (.safetensors, or .pt/.pth/.bin/.ckpt; an "
+                       "existing folder or a trailing / for DCP) or --to. Loads safely, writes crash-safely "
+                       "(temp file or folder, fsync, rename). A DCP folder is gathered whole in this process.")
     p.add_argument("input", metavar="IN")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--to", choices=("torch", "safetensors"), help="output format (default: from OUT's extension)")
+    p.add_argument("--to", choices=("torch", "safetensors", "dcp"), help="output format (default: from OUT's extension)")
     p.add_argument("--progress-mb", type=int, default=256, metavar="N", help="print progress to stderr every N MiB")
     p.set_defaults(func=_cmd_convert)
 
@@ -544,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
     path = getattr(args, "file", None) or getattr(args, "input", None)
-    if path is not None:
+    if path is not None and not distributed.is_dcp_folder(path):
         try:
             os.close(open_regular_file(path, args.command))
         except FileNotFoundError:
