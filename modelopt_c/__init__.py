@@ -24,8 +24,16 @@ from .codec import dumps_state, loads_state
 from .config import ModeloptBaseConfig, ModeloptField
 from .mode import ModeDescriptor, _ModeDescriptor, _ModeRegistryCls, get_mode_config
 from .model_like import ModelLikeModule
+from .summary import Summary, describe
 
 __version__ = "0.1.0"
+del annotations  # the __future__ import's flag, not an API
+
+
+def __dir__() -> list[str]:
+    """The public API only (submodules such as ``codec`` stay importable by name)."""
+    return sorted(__all__)
+
 
 __all__ = [
     "MODELOPT_STATE_VERSION",
@@ -37,10 +45,12 @@ __all__ = [
     "ModeloptField",
     "ModeloptStateManager",
     "StateDecodeError",
+    "Summary",
     "_ModeDescriptor",
     "_ModeRegistryCls",
     "__version__",
     "apply_mode",
+    "describe",
     "dumps_state",
     "get_mode",
     "get_mode_config",

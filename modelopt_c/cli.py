@@ -7,7 +7,6 @@ Nothing here runs code from a checkpoint: torch-format files are read with
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import struct
@@ -24,16 +23,22 @@ from .checkpoint import (
     load_checkpoint as _load,
     open_regular_file,
     save_torch_file,
-    sniff_format,
-    torch_load_checked,
+)
+from .summary import (  # the inspect report is the library's (describe() shows the same)
+    KIND_OURS,
+    KIND_PLAIN,  # noqa: F401  (re-exported: the kinds detect_kind returns)
+    KIND_TORCH,
+    KIND_UNKNOWN,
+    _a,
+    _meta,
+    _modes,
+    _print_inspect,
+    detect_kind,
+    inspect_file,
+    load_torch_safely,
 )
 
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE = 0, 1, 2
-
-KIND_TORCH = "torch"
-KIND_OURS = "modelopt_c safetensors"
-KIND_PLAIN = "safetensors"
-KIND_UNKNOWN = "unknown"
 
 EPILOG = """\
 examples:
@@ -48,30 +53,7 @@ exit status: 0 ok, 1 a corrupt/refused/unreadable checkpoint, 2 usage error.
 """
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
 # --------------------------------------------------------------------------- reading
-
-
-def detect_kind(path: str) -> str:
-    """The checkpoint kind of ``path``, from its first bytes (never its name): the
-    library's sniffer, then the safetensors metadata for ours or a plain file."""
-    kind = sniff_format(path, "read")
-    if kind == "torch":
-        return KIND_TORCH
-    if kind == "safetensors":
-        return KIND_OURS if _meta(path).get("format") == st_format.FORMAT_NAME else KIND_PLAIN
-    return KIND_UNKNOWN  # a legacy (pre-zip) torch file too: its records cannot be checked
-
-
-def load_torch_safely(path: str, mmap: bool = True) -> Any:
-    """The library's safe ``torch.load`` (``weights_only=True``), as restore loads: every
-    failure of a damaged file is a CheckpointError naming it, a refusal says so."""
-    return torch_load_checked(path, {} if mmap else {"mmap": False})
 
 
 def zip_problems(path: str) -> list[str]:
@@ -175,173 +157,6 @@ def load_checkpoint(path: str) -> tuple[Any, dict[str, Any], str]:
         raise CheckpointError(f"{path}: model_state_dict is {_a(state_dict)}, not a dict")
     _modes(state, path)
     return state, dict(state_dict), kind
-
-
-def _meta(path: str) -> dict[str, str]:
-    try:
-        return st_format.read_header(path)[0]
-    except ValueError:
-        return {}
-
-
-# --------------------------------------------------------------------------- inspect
-
-
-def _tensor_facts(items: list[tuple[str, str, list[int], int]]) -> dict[str, Any]:
-    hist = collections.Counter(dtype for _, dtype, _, _ in items)
-    return {
-        "count": len(items),
-        "total_bytes": sum(nbytes for *_, nbytes in items),
-        "dtypes": dict(sorted(hist.items())),
-    }
-
-
-def _torch_items(state_dict: dict[str, Any]) -> list[tuple[str, str, list[int], int]]:
-    out = []
-    for name, t in state_dict.items():
-        if hasattr(t, "dtype") and hasattr(t, "shape"):
-            out.append((name, str(t.dtype).replace("torch.", ""), list(t.shape), t.numel() * t.element_size()))
-    return out
-
-
-def _describe(value: Any) -> str:
-    torch = _torch()
-    if isinstance(value, torch.Tensor):
-        return f"tensor {str(value.dtype).replace('torch.', '')} {list(value.shape)}"
-    if isinstance(value, (dict, list, tuple, set)):
-        return f"{type(value).__name__} of {len(value)}"
-    if isinstance(value, (str, bytes)):
-        return f"{type(value).__name__} of length {len(value)}"
-    return type(value).__name__
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
-def _modes(state: Any, path: str = "") -> tuple[str | None, list[dict[str, Any]]]:
-    """(modelopt_version, modes) of a modelopt_state; CheckpointError when it has the wrong shape."""
-    if state is None:
-        return None, []
-    where = f"{path}: modelopt_state" if path else "modelopt_state"
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{where} is {_a(state)}, not a dict")
-    entries = state.get("modelopt_state_dict", [])
-    if not isinstance(entries, (list, tuple)):
-        raise CheckpointError(f"{where}['modelopt_state_dict'] is {_a(entries)}, not a list")
-    modes = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-            raise CheckpointError(f"{where}['modelopt_state_dict'][{i}] is {_a(entry)}, not a (name, state) pair")
-        name, body = entry
-        if not isinstance(name, str) or not isinstance(body, dict):
-            raise CheckpointError(
-                f"{where}['modelopt_state_dict'][{i}] is ({_a(name)}, {_a(body)}), not a (str, dict) pair")
-        metadata = body.get("metadata", {})
-        if not isinstance(metadata, dict):
-            raise CheckpointError(f"{where}: mode {name!r}: metadata is {_a(metadata)}, not a dict")
-        modes.append(
-            {
-                "name": name,
-                "config": _jsonable(body.get("config")),
-                "metadata": {str(k): _describe(v) for k, v in metadata.items()},
-            }
-        )
-    version = state.get("modelopt_version")
-    return (version if version is None or isinstance(version, str) else repr(version)), modes
-
-
-def _a(value: Any) -> str:
-    """'a list', 'an int', 'None': a value's type, for messages."""
-    if value is None:
-        return "None"
-    name = type(value).__name__
-    return ("an " if name[:1] in "aeiou" else "a ") + name
-
-
-def inspect_file(path: str) -> dict[str, Any]:
-    """What is in a checkpoint, as a JSON-able dict (loads no code; maps, never copies)."""
-    st = st_format
-    kind = detect_kind(path)
-    info: dict[str, Any] = {"file": path, "format": kind, "size_bytes": os.path.getsize(path)}
-    if kind == KIND_TORCH:
-        obj = load_torch_safely(path)
-        state, state_dict = None, {}
-        if isinstance(obj, dict) and "model_state_dict" in obj:
-            state, state_dict = obj.get("modelopt_state"), obj["model_state_dict"]
-            if not isinstance(state_dict, dict):
-                raise CheckpointError(f"{path}: model_state_dict is {_a(state_dict)}, not a dict")
-            info["keys"] = sorted(map(str, obj))
-        elif isinstance(obj, dict):
-            state_dict = {k: v for k, v in obj.items() if hasattr(v, "dtype")}
-            info["keys"] = sorted(map(str, obj))
-        else:
-            raise CheckpointError(f"{path}: a torch file holding {_a(obj)}, not a modelopt checkpoint or a state dict")
-        info["modelopt_version"], info["modes"] = _modes(state, path)
-        info["tensors"] = _tensor_facts(_torch_items(state_dict))
-        return info
-    if kind in (KIND_OURS, KIND_PLAIN):
-        try:
-            metadata, header, data_start = st.read_header(path)
-        except ValueError as exc:
-            raise CheckpointError(str(exc)) from exc
-        info["data_start"] = data_start
-        info["metadata"] = {k: f"{len(v)} chars" for k, v in metadata.items()}
-        model = [
-            (n, d, list(s), e - b) for n, (d, s, b, e) in header.items() if not n.startswith(st.RESERVED_PREFIX)
-        ]
-        extras = [(n, d, list(s), e - b) for n, (d, s, b, e) in header.items() if n.startswith(st.RESERVED_PREFIX)]
-        info["tensors"] = _tensor_facts(model)
-        info["state_tensors"] = _tensor_facts(extras)
-        info["checksums"] = metadata.get("checksum_algorithm", "none")
-        if kind == KIND_OURS:
-            info["format_version"] = metadata.get("format_version")
-            state, _, _ = load_checkpoint(path)
-            info["modelopt_version"], info["modes"] = _modes(state, path)
-        return info
-    raise CheckpointError(f"{path}: neither a torch (zip) checkpoint nor a safetensors file")
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _print_inspect(info: dict[str, Any], out: TextIO) -> None:
-    w = lambda s="": print(s, file=out)  # noqa: E731
-    w(f"file:        {info['file']} ({_human(info['size_bytes'])})")
-    w(f"format:      {info['format']}" + (f" v{info['format_version']}" if info.get("format_version") else ""))
-    if info.get("modelopt_version") is not None:
-        w(f"modelopt:    {info['modelopt_version']}")
-    if "keys" in info:
-        w(f"keys:        {', '.join(info['keys'])}")
-    if "metadata" in info:
-        w("metadata:")
-        for k, v in info["metadata"].items():
-            w(f"  {k}: {v}")
-        w(f"checksums:   {info['checksums']}")
-    modes = info.get("modes") or []
-    w(f"modes:       {len(modes)}")
-    for i, mode in enumerate(modes):
-        w(f"  [{i}] {mode['name']}")
-        w(f"      config:   {json.dumps(mode['config'], sort_keys=True)}")
-        for k, v in mode["metadata"].items():
-            w(f"      metadata: {k}: {v}")
-    t = info["tensors"]
-    w(f"tensors:     {t['count']} ({_human(t['total_bytes'])}, {t['total_bytes']} bytes)")
-    w("dtypes:      " + (", ".join(f"{d}: {c}" for d, c in t["dtypes"].items()) or "-"))
-    if info.get("state_tensors", {}).get("count"):
-        s = info["state_tensors"]
-        w(f"state tensors: {s['count']} ({s['total_bytes']} bytes)")
 
 
 # --------------------------------------------------------------------------- writing
