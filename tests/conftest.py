@@ -25,15 +25,26 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "isolated: a leak loop in a fresh interpreter (skipped unless "
                             "selected with -m isolated or --run-isolated)")
+    config.addinivalue_line("markers", "slow: a check of 20 s or more (mypy, the executed notebook), skipped "
+                            "unless selected with -m slow (or --run-isolated, which runs everything)")
 
 
 def pytest_collection_modifyitems(config, items):
+    _skip_unless_selected(config, items, "slow", "slow check (mypy, an executed notebook): run with -m slow (CI does)")
     if config.getoption("--run-isolated") or "isolated" in (config.getoption("markexpr") or ""):
         return
     skip = pytest.mark.skip(reason="leak loop: run with -m isolated or --run-isolated (CI does)")
     for item in items:
         if "isolated" in item.keywords:
             item.add_marker(skip)
+
+
+def _skip_unless_selected(config, items, marker, reason):
+    if config.getoption("--run-isolated") or marker in (config.getoption("markexpr") or ""):
+        return
+    for item in items:
+        if marker in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture
