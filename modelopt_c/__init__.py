@@ -24,6 +24,7 @@ from .codec import dumps_state, loads_state
 from .config import ModeloptBaseConfig, ModeloptField
 from .mode import ModeDescriptor, _ModeDescriptor, _ModeRegistryCls, get_mode_config
 from .model_like import ModelLikeModule
+from .periodic import load_extra
 from .summary import Summary, describe
 
 __version__ = "0.1.0"
@@ -54,6 +55,7 @@ __all__ = [
     "dumps_state",
     "get_mode",
     "get_mode_config",
+    "load_extra",
     "load_modelopt_state",
     "loads_state",
     "modelopt_state",

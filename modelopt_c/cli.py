@@ -7,6 +7,7 @@ Nothing here runs code from a checkpoint: torch-format files are read with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import struct
@@ -15,7 +16,7 @@ import sys
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from . import st_format
 from .checkpoint import (
@@ -24,6 +25,8 @@ from .checkpoint import (
     open_regular_file,
     save_torch_file,
 )
+from .periodic import load_extra, torch_checkpoint
+from .progress import reporting, watch_file
 from .summary import (  # the inspect report is the library's (describe() shows the same)
     KIND_OURS,
     KIND_PLAIN,  # noqa: F401  (re-exported: the kinds detect_kind returns)
@@ -174,6 +177,20 @@ def _progress_printer(label: str, every_mb: int, err: TextIO) -> Callable[[int, 
     return report
 
 
+@contextlib.contextmanager
+def _convert_progress(args: argparse.Namespace, err: TextIO) -> Iterator[Callable[[int, int], object] | None]:
+    """A tqdm bar on an interactive stderr (modelopt_c.progress), else a line every N MiB."""
+    if args.no_progress:
+        yield None
+        return
+    if err is sys.stderr:
+        with reporting(None, f"convert {os.path.basename(args.out)}") as hook:
+            if hook is not None:
+                yield hook
+                return
+    yield _progress_printer("convert", args.progress_mb, err)
+
+
 def _target_kind(out: str, to: str | None) -> str | None:
     if to:
         return to
@@ -231,10 +248,25 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if state is None:
         return _fail(args.input, "has no modelopt_state (a plain state dict); nothing modelopt-specific to convert", err)
     try:
-        if target == "safetensors":
-            st_format.save_file(args.out, state_dict, state, progress=_progress_printer("convert", args.progress_mb, err))
-        else:
-            save_torch_file(args.out, {"modelopt_state": state, "model_state_dict": state_dict})
+        extra = load_extra(args.input, verify=False)  # a training state saved beside the model goes along
+    except CheckpointError as exc:
+        return _fail(args.input, exc, err)
+    try:
+        with _convert_progress(args, err) as hook:
+            if target == "safetensors":
+                st_format.save_file(args.out, state_dict, state, progress=hook, extra=extra)
+            else:
+                ckpt = torch_checkpoint(state, state_dict, extra)
+                if hook is None:
+                    save_torch_file(args.out, ckpt)
+                else:
+                    total = sum(t.numel() * t.element_size() for t in state_dict.values() if hasattr(t, "element_size"))
+                    watcher, ok = watch_file(hook, total), False
+                    try:
+                        save_torch_file(args.out, ckpt, _started=watcher.started)
+                        ok = True
+                    finally:
+                        watcher.finish(args.out, ok)
     except (OSError, ValueError, TypeError, RuntimeError) as exc:
         return _fail(args.out, f"writing failed: {exc}", err)
     print(f"converted {args.input} ({kind}) -> {args.out} ({target})", file=out)
@@ -321,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN")
     p.add_argument("out", metavar="OUT")
     p.add_argument("--to", choices=("torch", "safetensors"), help="output format (default: from OUT's extension)")
-    p.add_argument("--progress-mb", type=int, default=256, metavar="N", help="print progress to stderr every N MiB")
+    p.add_argument("--progress-mb", type=int, default=256, metavar="N",
+                   help="print progress to stderr every N MiB (a bar instead on a terminal, with tqdm installed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("verify", help="validate a checkpoint (header + checksums, or a full safe load)",

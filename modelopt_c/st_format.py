@@ -38,21 +38,24 @@ def save_file(
     state_dict: dict[str, Any],
     modelopt_state: dict[str, Any],
     *,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], object] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write ``state_dict`` and ``modelopt_state`` to ``path`` crash-safely.
 
     Tensors inside ``modelopt_state`` are stored as ``__modelopt_state__.<i>``;
-    the model's weights keep their state_dict names.
+    the model's weights keep their state_dict names.  ``extra`` (periodic.py): its
+    tensors as ``__modelopt_extra__.<i>``, the rest in the metadata.
     """
+    from .periodic import EXTRA_METADATA_KEY, EXTRA_PREFIX, encode_extra
+
     extras: list[Any] = []
     payload = _conversion.encode_state(modelopt_state, extras)
     tensors: dict[str, Any] = {}
     for name, tensor in state_dict.items():
-        if isinstance(name, str) and name.startswith(RESERVED_PREFIX):
-            raise CheckpointError(
-                f"{os.fspath(path)}: state_dict key {name!r} uses the reserved prefix {RESERVED_PREFIX!r}"
-            )
+        for prefix in (RESERVED_PREFIX, EXTRA_PREFIX):
+            if isinstance(name, str) and name.startswith(prefix):
+                raise CheckpointError(f"{os.fspath(path)}: state_dict key {name!r} uses the reserved prefix {prefix!r}")
         tensors[name] = tensor
     for i, tensor in enumerate(extras):
         tensors[f"{RESERVED_PREFIX}{i}"] = tensor
@@ -61,6 +64,9 @@ def save_file(
         "format_version": FORMAT_VERSION,
         "modelopt_state": base64.b64encode(bytes(payload)).decode("ascii"),
     }
+    if extra:
+        metadata[EXTRA_METADATA_KEY], extra_tensors = encode_extra(extra, os.fspath(path))
+        tensors.update(extra_tensors)
     _conversion.st_write(path, tensors, metadata, progress=progress)
 
 
@@ -117,8 +123,11 @@ def load_file(path: PathLike, verify: bool = True, plain: bool = False) -> tuple
     :class:`CheckpointError` naming the file.  ``plain=True`` also reads a plain
     safetensors file (not written by modelopt_c): its modelopt_state is then None.
     """
+    from .periodic import split_extra
+
     where = os.fspath(path)
     metadata, tensors = _conversion.st_read(path, verify=verify, _verify_if_present=True)
+    _, tensors = split_extra(tensors)  # a training state saved beside the model: load_extra's
     extras, state_dict = split_tensors(tensors, where)
     if plain and metadata.get("format") != FORMAT_NAME:
         return None, state_dict

@@ -164,9 +164,15 @@ def inspect_file(path: str) -> dict[str, Any]:
             raise CheckpointError(str(exc)) from exc
         info["data_start"] = data_start
         info["metadata"] = {k: f"{len(v)} chars" for k, v in metadata.items()}
+        from .periodic import EXTRA_PREFIX
+
         model = [
-            (n, d, list(s), e - b) for n, (d, s, b, e) in header.items() if not n.startswith(st.RESERVED_PREFIX)
+            (n, d, list(s), e - b) for n, (d, s, b, e) in header.items()
+            if not n.startswith((st.RESERVED_PREFIX, EXTRA_PREFIX))
         ]
+        training = [(n, d, list(s), e - b) for n, (d, s, b, e) in header.items() if n.startswith(EXTRA_PREFIX)]
+        if training:
+            info["extra_tensors"] = _tensor_facts(training)
         extras = [(n, d, list(s), e - b) for n, (d, s, b, e) in header.items() if n.startswith(st.RESERVED_PREFIX)]
         info["tensors"] = _tensor_facts(model)
         info["state_tensors"] = _tensor_facts(extras)
@@ -226,6 +232,9 @@ def _print_inspect(info: dict[str, Any], out: TextIO) -> None:
     if info.get("state_tensors", {}).get("count"):
         s = info["state_tensors"]
         w(f"state tensors: {s['count']} ({s['total_bytes']} bytes)")
+    if info.get("extra_tensors"):  # save(..., extra=...): load_extra reads them
+        s = info["extra_tensors"]
+        w(f"extra tensors: {s['count']} ({s['total_bytes']} bytes)")
 
 
 
