@@ -59,8 +59,9 @@ def torch_checkpoint(state: dict, weights: dict, extra: dict[str, Any] | None) -
 def encode_extra(extra: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
     """(metadata text, tensors by reserved name) of ``extra`` for the safetensors format."""
     tensors: list[Any] = []
+    check_extra(extra)
     try:
-        payload = _conversion.encode_state(check_extra(extra), tensors)
+        payload = _conversion.encode_state(extra, tensors)
     except (TypeError, OverflowError) as exc:
         raise TypeError(f"{where}: extra cannot be stored in the safetensors-compatible format: {exc} "
                         "(save to a .pt path for the torch format, which takes anything weights_only loads).") from exc
