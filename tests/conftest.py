@@ -30,7 +30,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    _skip_unless_selected(config, items, "slow", "slow check (mypy, an executed notebook): run with -m slow (CI does)")
+    _skip_unless_selected(config, items, "slow", "slow check (mypy, the executed notebook, the SIGKILL resume): run with -m slow (CI does)")
     if config.getoption("--run-isolated") or "isolated" in (config.getoption("markexpr") or ""):
         return
     skip = pytest.mark.skip(reason="leak loop: run with -m isolated or --run-isolated (CI does)")
