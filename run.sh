@@ -23,9 +23,9 @@ fi
 pip_quiet=(-q --disable-pip-version-check)
 $PY -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
     || $PY -m pip install "${pip_quiet[@]}" torch==2.13.0
-$PY -c "import pydantic, pytest, modelopt.torch.opt, safetensors.torch, numpy, matplotlib, transformers, accelerate" 2>/dev/null \
+$PY -c "import pydantic, pytest, modelopt.torch.opt, safetensors.torch, numpy, matplotlib, transformers, accelerate, tqdm, mypy, nbclient, nbformat, ipykernel" 2>/dev/null \
     || $PY -m pip install "${pip_quiet[@]}" torch==2.13.0 "pydantic>=2" pytest nvidia-modelopt \
-        huggingface_hub safetensors numpy matplotlib transformers accelerate
+        huggingface_hub safetensors numpy matplotlib transformers accelerate tqdm mypy nbclient nbformat ipykernel
 # the extension, built against the installed torch
 $PY -m pip install "${pip_quiet[@]}" --no-build-isolation -e . >/dev/null
 

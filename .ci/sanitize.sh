@@ -62,6 +62,7 @@ LD_PRELOAD="$asan_lib" python -m pytest -q -p no:cacheprovider --capture=sys \
     tests/test_config_and_modes.py tests/test_checkpoint_torch.py \
     tests/test_st_format.py tests/test_checkpoint_safetensors.py \
     tests/test_cli.py tests/test_files_and_errors.py tests/test_restore_atomic.py tests/hostile \
+    tests/test_progress.py tests/test_notebook_displays.py \
     'tests/test_isolated.py::test_no_leaks[leaks_codec]' --run-isolated "$@" || {
     status=$?
     echo "sanitize.sh: FAILED (exit $status; a sanitizer report, if any, is above)" >&2

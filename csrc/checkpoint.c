@@ -67,9 +67,12 @@ write_failure_errno(int fd)
     return 0;
 }
 
-/* torch.save(obj, path, **kwargs) so that `path` is replaced atomically. */
+/* torch.save(obj, path, **kwargs) so that `path` is replaced atomically.  `started`
+ * (borrowed; NULL: none) is called with the temp file's path before torch.save runs:
+ * torch.save writes with the GIL released, so a Python thread can watch the file grow
+ * (progress) at no cost to the writer. */
 static PyObject *
-save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObject *kwargs)
+save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObject *kwargs, PyObject *started)
 {
     PyObject *encoded = NULL, *tmp_obj = NULL, *args = NULL, *res = NULL, *result = NULL;
     AtomicFile af = {.fd = -1};
@@ -92,6 +95,10 @@ save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObje
     if ((tmp_obj = PyUnicode_DecodeFSDefault(af.tmp)) == NULL || (args = PyTuple_Pack(2, obj, tmp_obj)) == NULL) {
         goto done;
     }
+    if (started != NULL && (res = PyObject_CallOneArg(started, tmp_obj)) == NULL) {
+        goto done; /* the temp file is removed by atomic_file_close */
+    }
+    Py_CLEAR(res);
     if ((res = PyObject_Call(cs->torch_save, args, kwargs)) == NULL) {
         if (PyErr_ExceptionMatches(PyExc_RuntimeError) || PyErr_ExceptionMatches(PyExc_OSError)) {
             if ((err = write_failure_errno(af.fd)) != 0) {
@@ -118,15 +125,37 @@ done:
     return result;
 }
 
-/* torch.save(obj, path, **kwargs) through the crash-safe writer (save, the CLI's convert). */
+/* torch.save(obj, path, **kwargs) through the crash-safe writer (save, the CLI's convert);
+ * kwargs' "_started" (ours, not torch.save's) is save_torch_atomic's `started`. */
 PyObject *
 ckpt_save_torch_file(ModuleState *st, PyObject *path, PyObject *obj, PyObject *kwargs)
 {
-    PyObject *fspath = PyOS_FSPath(path), *result = NULL;
-    if (fspath != NULL) {
-        result = save_torch_atomic(&st->ckpt, fspath, obj, kwargs);
+    PyObject *fspath = NULL, *key = NULL, *started = NULL, *rest = NULL, *result = NULL;
+    if ((fspath = PyOS_FSPath(path)) == NULL || (key = PyUnicode_FromString("_started")) == NULL) {
+        goto done;
     }
+    if (kwargs != NULL && PyDict_GetItemRef(kwargs, key, &started) < 0) {
+        goto done;
+    }
+    if (started != NULL) { /* torch.save gets the others, the caller's dict unchanged */
+        if ((rest = PyDict_Copy(kwargs)) == NULL || PyDict_DelItem(rest, key) < 0) {
+            goto done;
+        }
+        if (started == Py_None) {
+            Py_CLEAR(started);
+        }
+        else if (!PyCallable_Check(started)) {
+            PyErr_Format(PyExc_TypeError, "_save_torch_file: _started must be callable or None, not %.200s",
+                         Py_TYPE(started)->tp_name);
+            goto done;
+        }
+    }
+    result = save_torch_atomic(&st->ckpt, fspath, obj, rest != NULL ? rest : kwargs, started);
+done:
     Py_XDECREF(fspath);
+    Py_XDECREF(key);
+    Py_XDECREF(started);
+    Py_XDECREF(rest);
     return result;
 }
 
@@ -207,11 +236,22 @@ done:
 /* How _runtime.check_weights says each tensor is loaded. */
 enum { LOAD_BRIDGE = 0, LOAD_TORCH_COPY = 1, LOAD_ASSIGN = 2 };
 
+/* src.nbytes of plan entry `item` (a tensor from the file); -1 with an exception. */
+static long long
+entry_nbytes(PyObject *item)
+{
+    PyObject *n = PyObject_GetAttrString(PyTuple_GET_ITEM(item, 2), "nbytes");
+    long long v = n == NULL ? -1 : PyLong_AsLongLong(n);
+    Py_XDECREF(n);
+    return v;
+}
+
 int
-ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObject *source)
+ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObject *source, PyObject *progress)
 {
     CheckpointState *cs = &st->ckpt;
     PyObject *plan = NULL, *res = NULL;
+    long long total = 0, done_bytes = 0;
     int result = -1;
 
     /* every key, shape, dtype and kind is checked there before the first byte moves;
@@ -228,6 +268,14 @@ ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObje
         PyErr_Format(PyExc_TypeError, "_runtime.plan_load returned a %.200s, not a list", Py_TYPE(plan)->tp_name);
         goto done;
     }
+    for (Py_ssize_t i = 0; progress != NULL && i < PyList_GET_SIZE(plan); i++) {
+        PyObject *item = PyList_GET_ITEM(plan, i);
+        long long n = PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 4 ? entry_nbytes(item) : 0;
+        if (n < 0) {
+            goto done;
+        }
+        total += n;
+    }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(plan); i++) {
         PyObject *item = PyList_GET_ITEM(plan, i);
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4 || !PyLong_Check(PyTuple_GET_ITEM(item, 3))) {
@@ -242,8 +290,12 @@ ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObje
         }
         /* hold the entry: a copy_ may run Python code that drops the plan's references */
         Py_INCREF(item);
+        long long n = progress != NULL ? entry_nbytes(item) : 0;
         int r;
-        if (how == LOAD_ASSIGN) {
+        if (n < 0) {
+            r = -1;
+        }
+        else if (how == LOAD_ASSIGN) {
             /* nothing to copy into (meta model): the file's tensor becomes the model's */
             PyObject *assign_args[3] = {model, key, src};
             res = runtime_call(st, CB_ASSIGN_TENSOR, assign_args, 3);
@@ -259,6 +311,13 @@ ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObje
         Py_DECREF(item);
         if (r < 0) {
             goto done;
+        }
+        if (progress != NULL) {
+            done_bytes += n;
+            if ((res = PyObject_CallFunction(progress, "LL", done_bytes, total)) == NULL) {
+                goto done; /* the hook's exception ends the load, as a failed copy does: rolled back */
+            }
+            Py_CLEAR(res);
         }
     }
     result = 0;

@@ -729,7 +729,7 @@ done:
  * its class, attributes, submodules, parameters, buffers, hooks and modelopt state. */
 static PyObject *
 restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state, PyObject *weights,
-                        PyObject *source)
+                        PyObject *source, PyObject *progress)
 {
     PyObject *model = NULL, *snapshot = NULL, *entries = NULL, *version = NULL, *modes = NULL,
              *restored = NULL, *built = NULL, *result = NULL;
@@ -758,7 +758,7 @@ restore_from_state_impl(ModuleState *st, PyObject *model_arg, PyObject *state, P
         goto done;
     }
     Py_SETREF(model, Py_NewRef(built));
-    if (weights != NULL && ckpt_load_weights(st, model, weights, source) < 0) {
+    if (weights != NULL && ckpt_load_weights(st, model, weights, source, progress) < 0) {
         goto done;
     }
     result = Py_NewRef(model);
@@ -778,30 +778,39 @@ done:
 }
 
 PyDoc_STRVAR(restore_from_state_doc,
-"_restore_from_state(model, modelopt_state, weights=None, source=None) -> nn.Module\n\n"
+"_restore_from_state(model, modelopt_state, weights=None, source=None, *, progress=None) -> nn.Module\n\n"
 "The native half of restore() and restore_from_modelopt_state() (modelopt_c.checkpoint):\n"
 "replay the modes of `modelopt_state` on `model` and, when `weights` is given, copy them\n"
 "into the model's own tensors (checked first; `source` is the file's name for messages).\n"
 "One transaction: on any failure every module of the model gets back its class,\n"
-"attributes, submodules, parameters, buffers, hooks and modelopt state.");
+"attributes, submodules, parameters, buffers, hooks and modelopt state.\n"
+"`progress(done_bytes, total_bytes)` is called after each tensor is loaded.");
 
 static PyObject *
 conversion_restore_from_state(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"model", "modelopt_state", "weights", "source", NULL};
-    PyObject *model, *state, *weights = Py_None, *source = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|OO:_restore_from_state", kwlist, &model, &state, &weights,
-                                     &source)) {
+    static char *kwlist[] = {"model", "modelopt_state", "weights", "source", "progress", NULL};
+    PyObject *model, *state, *weights = Py_None, *source = Py_None, *progress = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|OO$O:_restore_from_state", kwlist, &model, &state, &weights,
+                                     &source, &progress)) {
         return NULL;
     }
-    return restore_from_state_impl(module_state(module), model, state, weights == Py_None ? NULL : weights, source);
+    if (progress != Py_None && !PyCallable_Check(progress)) {
+        PyErr_Format(PyExc_TypeError, "_restore_from_state: progress must be callable or None, not %.200s",
+                     Py_TYPE(progress)->tp_name);
+        return NULL;
+    }
+    return restore_from_state_impl(module_state(module), model, state, weights == Py_None ? NULL : weights, source,
+                                   progress == Py_None ? NULL : progress);
 }
 
 PyDoc_STRVAR(save_torch_file_doc,
 "_save_torch_file(path, obj, **torch_save_kwargs) -> None\n\n"
 "torch.save(obj, path, **torch_save_kwargs) through the crash-safe writer (temp file\n"
 "locked while written, fsync, rename, fsync the folder; stale temp files of the folder\n"
-"removed).  For modelopt_c.checkpoint (save, and the command-line tool's convert).");
+"removed).  For modelopt_c.checkpoint (save, and the command-line tool's convert).\n"
+"`_started` (not passed to torch.save): called with the temp file's path before\n"
+"torch.save writes it (progress watches it grow; an exception aborts the save).");
 
 static PyObject *
 conversion_save_torch_file(PyObject *module, PyObject *args, PyObject *kwargs)

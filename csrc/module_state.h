@@ -86,8 +86,9 @@ extern PyMethodDef conversion_methods[];   /* conversion.c */
 /* checkpoint.c, for conversion.c.  ckpt_save_torch_file: torch.save(obj, path,
  * **kwargs) through the crash-safe writer; None.  ckpt_load_weights copies
  * `state_dict` into the model's own tensors in place (strict); `source` names the
- * file in errors. */
+ * file in errors; `progress` (NULL: none) is called (done_bytes, total_bytes) after
+ * each tensor. */
 PyObject *ckpt_save_torch_file(ModuleState *st, PyObject *path, PyObject *obj, PyObject *kwargs);
-int ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObject *source);
+int ckpt_load_weights(ModuleState *st, PyObject *model, PyObject *state_dict, PyObject *source, PyObject *progress);
 
 #endif

@@ -1084,6 +1084,101 @@ sm_set_last_config(StateManager *self, PyObject *value, void *Py_UNUSED(closure)
     return r;
 }
 
+/* ---- repr ------------------------------------------------------------------------ */
+
+/* New str: what waits for its export mode ("quantize needs export_q"), "" when
+ * nothing does.  A mode no registry knows makes the answer unknown, not an error:
+ * a repr must not raise over a state it can still show. */
+static PyObject *
+sm_repr_pending(ModuleState *st, StateManager *sm)
+{
+    PyObject *stack = sm_export_stack(st, sm), *parts = NULL, *part = NULL, *sep = NULL, *result = NULL;
+    if (stack == NULL) {
+        PyErr_Clear();
+        return PyUnicode_FromString("; export status unknown (a mode is not registered)");
+    }
+    if (PyList_GET_SIZE(stack) == 0) {
+        result = PyUnicode_FromString("");
+        goto done;
+    }
+    if ((parts = PyList_New(0)) == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(stack); i++) {
+        PyObject *pair = PyList_GET_ITEM(stack, i);
+        if ((part = PyUnicode_FromFormat("%S needs %S", PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1))) ==
+                NULL ||
+            PyList_Append(parts, part) < 0) {
+            goto done;
+        }
+        Py_CLEAR(part);
+    }
+    if ((sep = PyUnicode_FromString(", ")) == NULL || (part = PyUnicode_Join(sep, parts)) == NULL) {
+        goto done;
+    }
+    result = PyUnicode_FromFormat("; export pending: %U", part);
+done:
+    Py_XDECREF(stack);
+    Py_XDECREF(parts);
+    Py_XDECREF(part);
+    Py_XDECREF(sep);
+    return result;
+}
+
+/* <modelopt_c.ModeloptStateManager: 2 modes a -> b; export pending: a needs export_a; version '0.47.0'>:
+ * the modes in order, what still waits for its export mode, the state version.  An
+ * entry that is not a (name, state) pair shows as "<invalid entry i>". */
+static PyObject *
+sm_repr(StateManager *self)
+{
+    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    PyObject *names = NULL, *name = NULL, *sep = NULL, *modes = NULL, *pending = NULL, *version = NULL,
+             *result = NULL;
+    if (st == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(self->state);
+    if ((names = PyList_New(0)) == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *entry_name, *mstate;
+        if (sm_entry(st, PyList_GET_ITEM(self->state, i), i, &entry_name, &mstate) < 0) {
+            PyErr_Clear();
+            name = PyUnicode_FromFormat("<invalid entry %zd>", i);
+        }
+        else {
+            name = Py_NewRef(entry_name);
+        }
+        if (name == NULL || PyList_Append(names, name) < 0) {
+            goto done;
+        }
+        Py_CLEAR(name);
+    }
+    if (n == 0) {
+        modes = PyUnicode_FromString("no modes");
+    }
+    else if ((sep = PyUnicode_FromString(" -> ")) != NULL && (name = PyUnicode_Join(sep, names)) != NULL) {
+        modes = PyUnicode_FromFormat("%zd mode%s %U", n, n == 1 ? "" : "s", name);
+    }
+    if (modes == NULL || (pending = sm_repr_pending(st, self)) == NULL) {
+        goto done;
+    }
+    if ((version = PySequence_GetItem(self->version, 0)) == NULL) {
+        PyErr_Clear();
+        version = Py_NewRef(Py_None);
+    }
+    result = PyUnicode_FromFormat("<%s: %U%U; version %R>", Py_TYPE(self)->tp_name, modes, pending, version);
+done:
+    Py_XDECREF(names);
+    Py_XDECREF(name);
+    Py_XDECREF(sep);
+    Py_XDECREF(modes);
+    Py_XDECREF(pending);
+    Py_XDECREF(version);
+    return result;
+}
+
 static PyMethodDef sm_methods[] = {
     {"is_converted", (PyCFunction)(void (*)(void))sm_py_is_converted, METH_VARARGS | METH_KEYWORDS | METH_CLASS,
      is_converted_doc},
@@ -1137,6 +1232,7 @@ static PyType_Slot sm_slots[] = {
     {Py_tp_doc, (void *)sm_doc},
     {Py_tp_new, sm_tp_new},
     {Py_tp_dealloc, sm_dealloc},
+    {Py_tp_repr, sm_repr},
     {Py_tp_traverse, sm_traverse},
     {Py_tp_clear, sm_clear},
     {Py_tp_methods, sm_methods},

@@ -25,8 +25,17 @@ from .config import ModeloptBaseConfig, ModeloptField
 from .hf import enable_huggingface_checkpointing
 from .mode import ModeDescriptor, _ModeDescriptor, _ModeRegistryCls, get_mode_config
 from .model_like import ModelLikeModule
+from .periodic import load_extra
+from .summary import Summary, describe
 
 __version__ = "0.1.0"
+del annotations  # the __future__ import's flag, not an API
+
+
+def __dir__() -> list[str]:
+    """The public API only (submodules such as ``codec`` stay importable by name)."""
+    return sorted(__all__)
+
 
 __all__ = [
     "MODELOPT_STATE_VERSION",
@@ -38,14 +47,17 @@ __all__ = [
     "ModeloptField",
     "ModeloptStateManager",
     "StateDecodeError",
+    "Summary",
     "_ModeDescriptor",
     "_ModeRegistryCls",
     "__version__",
     "apply_mode",
+    "describe",
     "dumps_state",
     "enable_huggingface_checkpointing",
     "get_mode",
     "get_mode_config",
+    "load_extra",
     "load_modelopt_state",
     "loads_state",
     "modelopt_state",

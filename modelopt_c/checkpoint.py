@@ -403,21 +403,44 @@ def save_torch_file(path: Any, obj: Any, **kwargs: Any) -> None:
     _conversion._save_torch_file(path, obj, **kwargs)
 
 
-def _save_safetensors(f: Any, state_dict: dict, modelopt_state: dict, kwargs: dict, buffers: Any = None) -> None:
+def _save_safetensors(f: Any, state_dict: dict, modelopt_state: dict, kwargs: dict, buffers: Any = None,
+                      progress: Any = None, extra: Any = None) -> None:
     """Write the safetensors-compatible format (paths only: it is staged and renamed)."""
     if not _is_path(f):
         raise TypeError("format='safetensors' needs a file path (it is written crash-safely through a temp file).")
     if kwargs:
         raise TypeError(f"save(format='safetensors') takes no torch.save options; got {sorted(kwargs)}.")
     from . import st_format
+    from .progress import reporting
 
-    st_format.save_file(f, state_dict, modelopt_state, buffers=buffers)
+    total = sum(t.numel() * t.element_size() for t in state_dict.values() if isinstance(t, torch.Tensor))
+    with reporting(progress, f"saving {os.path.basename(os.fspath(f))}", total) as hook:
+        st_format.save_file(f, state_dict, modelopt_state, buffers=buffers, progress=hook, extra=extra)
+
+
+def _save_torch_progress(f: Any, ckpt: dict, kwargs: dict, progress: Any) -> None:
+    """save_torch_file, its progress watched as the temp file grows (progress.watch_file)."""
+    from .progress import reporting, watch_file
+
+    total = sum(t.numel() * t.element_size() for t in ckpt["model_state_dict"].values() if isinstance(t, torch.Tensor))
+    with reporting(progress, f"saving {os.path.basename(os.fspath(f))}", total) as hook:
+        if hook is None:
+            save_torch_file(f, ckpt, **kwargs)
+            return
+        watcher, ok = watch_file(hook, total), False
+        try:
+            save_torch_file(f, ckpt, _started=watcher.started, **kwargs)
+            ok = True
+        finally:
+            watcher.finish(f, ok)
 
 
 # ---- the public functions ----------------------------------------------------------------
 
 
-def restore_weights(model: nn.Module, state: Any, weights: Any, name: str, on_meta: Any = "raise") -> nn.Module:
+def restore_weights(
+    model: nn.Module, state: Any, weights: Any, name: str, on_meta: Any = "raise", progress: Any = None
+) -> nn.Module:
     """The modes replayed and the weights loaded, as one transaction (restore, hf.restore_folder).
 
     ``on_meta``: what to do when a tensor would be left on the meta device ("raise" or "warn").
@@ -426,7 +449,7 @@ def restore_weights(model: nn.Module, state: Any, weights: Any, name: str, on_me
         raise ValueError(f"on_meta must be 'raise' or 'warn', not {on_meta!r}.")
     token = _runtime.ON_META.set(on_meta)
     try:
-        return _conversion._restore_from_state(model, state, weights, name)
+        return _conversion._restore_from_state(model, state, weights, name, progress=progress)
     except AssertionError as exc:
         _note_fresh_model(exc)
         raise
@@ -452,21 +475,41 @@ def save(model: nn.Module, f: FileLike, *, format: str | None = None, **kwargs: 
     temporary file in the same folder, fsynced and renamed over the target: a crash
     leaves the old file or the new one, never a broken one.  A wrapped model
     (DataParallel, DDP, FSDP) is unwrapped with a warning.
+
+    ``progress``: a bar when interactive (default), ``False``, ``True`` or a
+    ``hook(done_bytes, total_bytes)`` (modelopt_c.progress).  ``extra``: a dict of the
+    rest of a training state (optimizer, scheduler, step, RNG) stored in the same
+    file, read back with ``load_extra(f)``; nvidia-modelopt still restores the file
+    (modelopt_c.periodic).  ``keep_last=N``: after the save, remove the oldest files
+    of ``f``'s numbered series (``ckpt-<step>.pt``) beyond the newest N.
     """
     rank = kwargs.pop("rank", None)
     if distributed.wants_save(model, f, format, rank):
         return distributed.save(model, f, format=format, rank=rank, kwargs=kwargs)
+    progress, extra, keep_last = kwargs.pop("progress", None), kwargs.pop("extra", None), kwargs.pop("keep_last", None)
+    if keep_last is not None:
+        from .periodic import checkpoint_series
+
+        if not _is_path(f):
+            raise TypeError("keep_last needs a file path (a numbered series of files in one folder).")
+        checkpoint_series(f)  # a name without a number fails before anything is written
     model = _runtime.unwrap(model, "warn")
     state = _conversion.modelopt_state(model)
     weights = model.state_dict()
     if checkpoint_format(f, format) == "safetensors":
-        _save_safetensors(f, weights, state, kwargs, _runtime.non_persistent_buffers(model))
-        return
-    ckpt = {"modelopt_state": state, "model_state_dict": weights}
-    if isinstance(f, (str, bytes, os.PathLike)):
-        save_torch_file(f, ckpt, **kwargs)
-    else:  # a file object: written directly (it has no folder to stage in)
-        torch.save(ckpt, f, **kwargs)
+        _save_safetensors(f, weights, state, kwargs, _runtime.non_persistent_buffers(model), progress, extra)
+    else:
+        from .periodic import torch_checkpoint
+
+        ckpt = torch_checkpoint(state, weights, extra)
+        if isinstance(f, (str, bytes, os.PathLike)):
+            _save_torch_progress(f, ckpt, kwargs, progress)
+        else:  # a file object: written directly (it has no folder to stage in)
+            torch.save(ckpt, f, **kwargs)
+    if keep_last is not None:
+        from .periodic import rotate
+
+        rotate(f, keep_last)
 
 
 def restore(model: Any, f: FileLike, **kwargs: Any) -> nn.Module:
@@ -481,7 +524,8 @@ def restore(model: Any, f: FileLike, **kwargs: Any) -> nn.Module:
     and paths are memory-mapped, so the peak memory is the model plus one tensor.  A
     model built on the meta device gets its tensors straight from the file.
     ``map_location`` defaults to ``'cpu'``; ``verify`` (default True) checks the
-    safetensors format's checksums.  Every key, shape, dtype and kind is checked before
+    safetensors format's checksums; ``progress`` as for ``save`` (bytes copied into the
+    model).  Every key, shape, dtype and kind is checked before
     the first byte is copied: RuntimeError in torch's load_state_dict wording listing
     every offending key and the file; TypeError for tensor subclasses (DTensor: restore
     the unsharded model).  Models with state-dict hooks or their own (load_)state_dict
@@ -508,10 +552,15 @@ def restore(model: Any, f: FileLike, **kwargs: Any) -> nn.Module:
         if hf.is_pretrained_folder(f):
             return hf.restore_folder(model, f, **kwargs)
     on_meta = kwargs.pop("on_meta", "raise")
+    progress = kwargs.pop("progress", None)
     model = _runtime.unwrap(_runtime.as_module(model), "raise")
     state, weights = load_checkpoint(f, kwargs, buffers=True)
-    # the modes are replayed and the weights loaded as one transaction
-    return restore_weights(model, state, weights, describe_file(f), on_meta)
+    from .progress import reporting
+
+    name = os.path.basename(os.fspath(f)) if _is_path(f) else "checkpoint"
+    with reporting(progress, f"restoring {name}") as hook:
+        # the modes are replayed and the weights loaded as one transaction
+        return restore_weights(model, state, weights, describe_file(f), on_meta, progress=hook)
 
 
 def load_modelopt_state(modelopt_state_path: FileLike, **kwargs: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ Nothing here runs code from a checkpoint: torch-format files are read with
 from __future__ import annotations
 
 import argparse
-import collections
+import contextlib
 import json
 import os
 import struct
@@ -16,7 +16,7 @@ import sys
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from . import distributed, st_format
 from .checkpoint import (
@@ -24,17 +24,24 @@ from .checkpoint import (
     load_checkpoint as _load,
     open_regular_file,
     save_torch_file,
-    sniff_format,
-    torch_load_checked,
+)
+from .periodic import load_extra, torch_checkpoint
+from .progress import reporting, watch_file
+from .summary import (  # the inspect report is the library's (describe() shows the same)
+    KIND_OURS,
+    KIND_PLAIN,  # noqa: F401  (re-exported: the kinds detect_kind returns)
+    KIND_TORCH,
+    KIND_UNKNOWN,
+    _a,
+    _meta,
+    _modes,
+    _print_inspect,
+    detect_kind,
+    inspect_file,
+    load_torch_safely,
 )
 
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE = 0, 1, 2
-
-KIND_TORCH = "torch"
-KIND_OURS = "modelopt_c safetensors"
-KIND_PLAIN = "safetensors"
-KIND_UNKNOWN = "unknown"
-KIND_DCP = "dcp folder"
 
 EPILOG = """\
 examples:
@@ -52,30 +59,7 @@ exit status: 0 ok, 1 a corrupt/refused/unreadable checkpoint, 2 usage error.
 """
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
 # --------------------------------------------------------------------------- reading
-
-
-def detect_kind(path: str) -> str:
-    """The checkpoint kind of ``path``, from its first bytes (never its name): the
-    library's sniffer, then the safetensors metadata for ours or a plain file."""
-    kind = sniff_format(path, "read")
-    if kind == "torch":
-        return KIND_TORCH
-    if kind == "safetensors":
-        return KIND_OURS if _meta(path).get("format") == st_format.FORMAT_NAME else KIND_PLAIN
-    return KIND_UNKNOWN  # a legacy (pre-zip) torch file too: its records cannot be checked
-
-
-def load_torch_safely(path: str, mmap: bool = True) -> Any:
-    """The library's safe ``torch.load`` (``weights_only=True``), as restore loads: every
-    failure of a damaged file is a CheckpointError naming it, a refusal says so."""
-    return torch_load_checked(path, {} if mmap else {"mmap": False})
 
 
 def zip_problems(path: str) -> list[str]:
@@ -181,194 +165,6 @@ def load_checkpoint(path: str) -> tuple[Any, dict[str, Any], str]:
     return state, dict(state_dict), kind
 
 
-def _meta(path: str) -> dict[str, str]:
-    try:
-        return st_format.read_header(path)[0]
-    except ValueError:
-        return {}
-
-
-# --------------------------------------------------------------------------- inspect
-
-
-def _tensor_facts(items: list[tuple[str, str, list[int], int]]) -> dict[str, Any]:
-    hist = collections.Counter(dtype for _, dtype, _, _ in items)
-    return {
-        "count": len(items),
-        "total_bytes": sum(nbytes for *_, nbytes in items),
-        "dtypes": dict(sorted(hist.items())),
-    }
-
-
-def _torch_items(state_dict: dict[str, Any]) -> list[tuple[str, str, list[int], int]]:
-    out = []
-    for name, t in state_dict.items():
-        if hasattr(t, "dtype") and hasattr(t, "shape"):
-            out.append((name, str(t.dtype).replace("torch.", ""), list(t.shape), t.numel() * t.element_size()))
-    return out
-
-
-def _describe(value: Any) -> str:
-    torch = _torch()
-    if isinstance(value, torch.Tensor):
-        return f"tensor {str(value.dtype).replace('torch.', '')} {list(value.shape)}"
-    if isinstance(value, (dict, list, tuple, set)):
-        return f"{type(value).__name__} of {len(value)}"
-    if isinstance(value, (str, bytes)):
-        return f"{type(value).__name__} of length {len(value)}"
-    return type(value).__name__
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
-def _modes(state: Any, path: str = "") -> tuple[str | None, list[dict[str, Any]]]:
-    """(modelopt_version, modes) of a modelopt_state; CheckpointError when it has the wrong shape."""
-    if state is None:
-        return None, []
-    where = f"{path}: modelopt_state" if path else "modelopt_state"
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{where} is {_a(state)}, not a dict")
-    entries = state.get("modelopt_state_dict", [])
-    if not isinstance(entries, (list, tuple)):
-        raise CheckpointError(f"{where}['modelopt_state_dict'] is {_a(entries)}, not a list")
-    modes = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-            raise CheckpointError(f"{where}['modelopt_state_dict'][{i}] is {_a(entry)}, not a (name, state) pair")
-        name, body = entry
-        if not isinstance(name, str) or not isinstance(body, dict):
-            raise CheckpointError(
-                f"{where}['modelopt_state_dict'][{i}] is ({_a(name)}, {_a(body)}), not a (str, dict) pair")
-        metadata = body.get("metadata", {})
-        if not isinstance(metadata, dict):
-            raise CheckpointError(f"{where}: mode {name!r}: metadata is {_a(metadata)}, not a dict")
-        modes.append(
-            {
-                "name": name,
-                "config": _jsonable(body.get("config")),
-                "metadata": {str(k): _describe(v) for k, v in metadata.items()},
-            }
-        )
-    version = state.get("modelopt_version")
-    return (version if version is None or isinstance(version, str) else repr(version)), modes
-
-
-def _a(value: Any) -> str:
-    """'a list', 'an int', 'None': a value's type, for messages."""
-    if value is None:
-        return "None"
-    name = type(value).__name__
-    return ("an " if name[:1] in "aeiou" else "a ") + name
-
-
-def inspect_folder(path: str) -> dict[str, Any]:
-    """What a DCP folder holds, from its metadata (no tensor is read)."""
-    facts = distributed.folder_facts(path)
-    info: dict[str, Any] = {"file": path, "format": KIND_DCP, "size_bytes": facts["size_bytes"]}
-    info["data_files"] = facts["data_files"]
-    info["modelopt_version"], info["modes"] = _modes(facts["state"], path)
-    info["tensors"] = _tensor_facts(facts["tensors"])
-    if facts["other_items"]:
-        info["other_items"] = facts["other_items"]
-    return info
-
-
-def inspect_file(path: str) -> dict[str, Any]:
-    """What is in a checkpoint, as a JSON-able dict (loads no code; maps, never copies)."""
-    st = st_format
-    if distributed.is_dcp_folder(path):
-        return inspect_folder(path)
-    kind = detect_kind(path)
-    info: dict[str, Any] = {"file": path, "format": kind, "size_bytes": os.path.getsize(path)}
-    if kind == KIND_TORCH:
-        obj = load_torch_safely(path)
-        state, state_dict = None, {}
-        if isinstance(obj, dict) and "model_state_dict" in obj:
-            state, state_dict = obj.get("modelopt_state"), obj["model_state_dict"]
-            if not isinstance(state_dict, dict):
-                raise CheckpointError(f"{path}: model_state_dict is {_a(state_dict)}, not a dict")
-            info["keys"] = sorted(map(str, obj))
-        elif isinstance(obj, dict):
-            state_dict = {k: v for k, v in obj.items() if hasattr(v, "dtype")}
-            info["keys"] = sorted(map(str, obj))
-        else:
-            raise CheckpointError(f"{path}: a torch file holding {_a(obj)}, not a modelopt checkpoint or a state dict")
-        info["modelopt_version"], info["modes"] = _modes(state, path)
-        info["tensors"] = _tensor_facts(_torch_items(state_dict))
-        return info
-    if kind in (KIND_OURS, KIND_PLAIN):
-        try:
-            metadata, header, data_start = st.read_header(path)
-        except ValueError as exc:
-            raise CheckpointError(str(exc)) from exc
-        info["data_start"] = data_start
-        info["metadata"] = {k: f"{len(v)} chars" for k, v in metadata.items()}
-        model = [
-            (n, d, list(s), e - b)
-            for n, (d, s, b, e) in header.items()
-            if not n.startswith((st.RESERVED_PREFIX, st.BUFFER_PREFIX))
-        ]
-        extras = [(n, d, list(s), e - b) for n, (d, s, b, e) in header.items() if n.startswith(st.RESERVED_PREFIX)]
-        info["tensors"] = _tensor_facts(model)
-        info["state_tensors"] = _tensor_facts(extras)
-        buffers = [(n, d, list(s), e - b) for n, (d, s, b, e) in header.items() if n.startswith(st.BUFFER_PREFIX)]
-        if buffers:  # version 2: non-persistent buffers (docs/FORMAT.md)
-            info["buffer_tensors"] = _tensor_facts(buffers)
-        info["checksums"] = metadata.get("checksum_algorithm", "none")
-        if kind == KIND_OURS:
-            info["format_version"] = metadata.get("format_version")
-            state, _, _ = load_checkpoint(path)
-            info["modelopt_version"], info["modes"] = _modes(state, path)
-        return info
-    raise CheckpointError(f"{path}: neither a torch (zip) checkpoint nor a safetensors file")
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _print_inspect(info: dict[str, Any], out: TextIO) -> None:
-    w = lambda s="": print(s, file=out)  # noqa: E731
-    w(f"file:        {info['file']} ({_human(info['size_bytes'])})")
-    w(f"format:      {info['format']}" + (f" v{info['format_version']}" if info.get("format_version") else ""))
-    if info.get("modelopt_version") is not None:
-        w(f"modelopt:    {info['modelopt_version']}")
-    if "keys" in info:
-        w(f"keys:        {', '.join(info['keys'])}")
-    if "data_files" in info:
-        w(f"data files:  {len(info['data_files'])} ({', '.join(info['data_files'])})")
-    if "metadata" in info:
-        w("metadata:")
-        for k, v in info["metadata"].items():
-            w(f"  {k}: {v}")
-        w(f"checksums:   {info['checksums']}")
-    modes = info.get("modes") or []
-    w(f"modes:       {len(modes)}")
-    for i, mode in enumerate(modes):
-        w(f"  [{i}] {mode['name']}")
-        w(f"      config:   {json.dumps(mode['config'], sort_keys=True)}")
-        for k, v in mode["metadata"].items():
-            w(f"      metadata: {k}: {v}")
-    t = info["tensors"]
-    w(f"tensors:     {t['count']} ({_human(t['total_bytes'])}, {t['total_bytes']} bytes)")
-    w("dtypes:      " + (", ".join(f"{d}: {c}" for d, c in t["dtypes"].items()) or "-"))
-    if info.get("state_tensors", {}).get("count"):
-        s = info["state_tensors"]
-        w(f"state tensors: {s['count']} ({s['total_bytes']} bytes)")
-
-
 # --------------------------------------------------------------------------- writing
 
 
@@ -382,6 +178,20 @@ def _progress_printer(label: str, every_mb: int, err: TextIO) -> Callable[[int, 
             print(f"{label}: {done >> 20} / {total >> 20} MiB written", file=err, flush=True)
 
     return report
+
+
+@contextlib.contextmanager
+def _convert_progress(args: argparse.Namespace, err: TextIO) -> Iterator[Callable[[int, int], object] | None]:
+    """A tqdm bar on an interactive stderr (modelopt_c.progress), else a line every N MiB."""
+    if args.no_progress:
+        yield None
+        return
+    if err is sys.stderr:
+        with reporting(None, f"convert {os.path.basename(args.out)}") as hook:
+            if hook is not None:
+                yield hook
+                return
+    yield _progress_printer("convert", args.progress_mb, err)
 
 
 def _target_kind(out: str, to: str | None) -> str | None:
@@ -447,12 +257,29 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if state is None:
         return _fail(args.input, "has no modelopt_state (a plain state dict); nothing modelopt-specific to convert", err)
     try:
-        if target == "dcp":
-            distributed.write_folder(args.out, state_dict, state)
-        elif target == "safetensors":
-            st_format.save_file(args.out, state_dict, state, progress=_progress_printer("convert", args.progress_mb, err))
-        else:
-            save_torch_file(args.out, {"modelopt_state": state, "model_state_dict": state_dict})
+        extra = None if kind == KIND_DCP else load_extra(args.input, verify=False)  # a training state goes along
+    except CheckpointError as exc:
+        return _fail(args.input, exc, err)
+    try:
+        with _convert_progress(args, err) as hook:
+            if target == "dcp":
+                if extra:
+                    raise ValueError("a DCP folder has no place for the extra training state; convert to a file")
+                distributed.write_folder(args.out, state_dict, state)
+            elif target == "safetensors":
+                st_format.save_file(args.out, state_dict, state, progress=hook, extra=extra)
+            else:
+                ckpt = torch_checkpoint(state, state_dict, extra)
+                if hook is None:
+                    save_torch_file(args.out, ckpt)
+                else:
+                    total = sum(t.numel() * t.element_size() for t in state_dict.values() if hasattr(t, "element_size"))
+                    watcher, ok = watch_file(hook, total), False
+                    try:
+                        save_torch_file(args.out, ckpt, _started=watcher.started)
+                        ok = True
+                    finally:
+                        watcher.finish(args.out, ok)
     except (OSError, ValueError, TypeError, RuntimeError) as exc:
         return _fail(args.out, f"writing failed: {exc}", err)
     print(f"converted {args.input} ({kind}) -> {args.out} ({target})", file=out)
@@ -543,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN")
     p.add_argument("out", metavar="OUT")
     p.add_argument("--to", choices=("torch", "safetensors", "dcp"), help="output format (default: from OUT's extension)")
-    p.add_argument("--progress-mb", type=int, default=256, metavar="N", help="print progress to stderr every N MiB")
+    p.add_argument("--progress-mb", type=int, default=256, metavar="N",
+                   help="print progress to stderr every N MiB (a bar instead on a terminal, with tqdm installed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("verify", help="validate a checkpoint (header + checksums, or a full safe load)",

@@ -26,6 +26,20 @@ def ModeloptField(default: Any = PydanticUndefined, **kwargs: Any) -> Any:  # no
     return Field(default=default, **kwargs)
 
 
+_MAX_REPR = 80
+
+
+class _Cut:
+    """A long value's repr, cut: its start, then how many items or characters it has."""
+
+    def __init__(self, text: str, value: Any) -> None:
+        size = f"{len(value)} items" if hasattr(value, "__len__") and not isinstance(value, str) else f"{len(text)} chars"
+        self.text = f"{text[:_MAX_REPR - 20]}... ({size})"
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 class ModeloptBaseConfig(BaseModel, MutableMapping):
     """Base class of every mode's config.
 
@@ -44,6 +58,12 @@ class ModeloptBaseConfig(BaseModel, MutableMapping):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         torch.serialization.add_safe_globals([cls])
+
+    def __repr_args__(self) -> Any:
+        # pydantic's repr (``Cfg(a=1, b='x')``), a long value cut to its start and size
+        for key, value in super().__repr_args__():
+            text = repr(value)
+            yield key, (value if len(text) <= _MAX_REPR else _Cut(text, value))
 
     def model_dump(self, **kwargs: Any) -> dict[str, Any]:
         """Dump to a dict, by alias and without serialisation warnings unless asked."""

@@ -6,10 +6,12 @@ through ``_ModeRegistryCls.get_from_any`` (see ``_runtime``).
 
 from __future__ import annotations
 
+import sys
+import warnings
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, overload
 
 import torch.nn as nn
 
@@ -42,7 +44,22 @@ class ModeDescriptor(ABC):
         return str(self.name)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__}: '{self.name}'>"
+        # nvidia-modelopt's form, then what shapes the mode's use; a property that
+        # raises (a half-written descriptor in a notebook) is left out, never raised
+        details = []
+        for label, attr in (("config", "config_class"), ("export mode", "export_mode")):
+            try:
+                value = getattr(self, attr)
+            except Exception:  # noqa: BLE001 - a repr shows what it can
+                continue
+            if value is not None:
+                details.append(f"{label} {getattr(value, '__name__', None) or repr(value)}")
+        try:
+            if self.is_export_mode:
+                details.append("an export mode")
+        except Exception:  # noqa: BLE001
+            pass
+        return f"<{type(self).__name__}: '{self.name}'" + "".join(f"; {d}" for d in details) + ">"
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -154,20 +171,82 @@ class _ModeRegistryCls:
         return [r for r in (ref() for ref in cls._registry_refs) if r is not None]
 
     def __repr__(self) -> str:
-        return f"<_ModeRegistryCls {self._registry_name!r}: {sorted(self._name2descriptor)}>"
+        names = list(self._name2descriptor)
+        listed = ", ".join(names) if names else "no modes"
+        count = f"{len(names)} mode{'' if len(names) == 1 else 's'}: " if names else ""
+        return f"<_ModeRegistryCls {self._registry_name!r}: {count}{listed}>"
 
-    def register_mode(self, cls_descriptor: type[T]) -> type[T]:
+    @overload
+    def register_mode(self, cls_descriptor: type[T], *, replace: bool = False) -> type[T]: ...
+
+    @overload
+    def register_mode(self, cls_descriptor: None = None, *, replace: bool = False) -> Callable[[type[T]], type[T]]: ...
+
+    def register_mode(self, cls_descriptor: type[T] | None = None, *, replace: bool = False) -> Any:
         """Class decorator: instantiate the descriptor and register it under its name.
 
-        A descriptor already registered elsewhere under the same name is reused, so
-        one mode is one instance across registries.
+        ``@registry.register_mode`` or ``@registry.register_mode(replace=True)``.
+
+        A descriptor of the same class already registered elsewhere under the name is
+        reused, so one mode is one instance across registries.  A *different* class
+        under a registered name:
+
+        * ``replace=True``, a redefinition (same module and qualified name: a re-run
+          notebook cell, ``importlib.reload``) or any re-registration from an
+          interactive session (IPython, Jupyter, ``python -i``): the new descriptor
+          replaces the old one in every registry holding it (with a warning unless
+          ``replace=True``), so a stale descriptor is never used again;
+        * otherwise, in this registry: ``ValueError`` (remove it first with
+          ``remove_mode``, or pass ``replace=True``); in another registry only: the
+          registered instance is reused, as nvidia-modelopt does, with a warning.
         """
+        if cls_descriptor is None:
+            return lambda cls: self.register_mode(cls, replace=replace)
         descriptor = cls_descriptor()
         name = descriptor.name
-        if self.contained_in_any(name):
-            descriptor = self.get_from_any(name)
-        if name in self._name2descriptor:
-            raise ValueError(f"Mode {name} already registered: {self._name2descriptor}")
+        old = self._name2descriptor.get(name)
+        if old is None and self.contained_in_any(name):
+            try:
+                old = self.get_from_any(name)
+            except AssertionError:  # already ambiguous: the new one settles it
+                old = next(r._name2descriptor[name] for r in self._all() if name in r._name2descriptor)
+        if old is not None and type(old) is cls_descriptor:  # the same mode registered again
+            if name in self._name2descriptor and not replace:
+                raise ValueError(
+                    f"Mode {name} already registered in registry {self._registry_name!r} (by this same class "
+                    f"{_qualname(cls_descriptor)}): call registry.remove_mode({name!r}) first, or register "
+                    "with @registry.register_mode(replace=True)."
+                )
+            self._name2descriptor[name] = old
+            return cls_descriptor
+        if old is not None:
+            how = _replacement(old, cls_descriptor, replace)
+            if how is None and name in self._name2descriptor:
+                raise ValueError(
+                    f"Mode {name} already registered in registry {self._registry_name!r} by "
+                    f"{_qualname(type(old))}, not {_qualname(cls_descriptor)}: call "
+                    f"registry.remove_mode({name!r}) first, or register with "
+                    "@registry.register_mode(replace=True)."
+                )
+            if how is None:
+                warnings.warn(
+                    f"Mode {name} is already registered by {_qualname(type(old))} in another registry; that "
+                    f"descriptor is used, not {_qualname(cls_descriptor)} (nvidia-modelopt's rule). Pass "
+                    "register_mode(replace=True) to replace it everywhere.",
+                    stacklevel=2,
+                )
+                self._name2descriptor[name] = old
+                return cls_descriptor
+            if how:
+                warnings.warn(
+                    f"Mode {name} re-registered ({how}): {_qualname(cls_descriptor)} replaces the earlier "
+                    f"{_qualname(type(old))} in every registry; models converted before keep the old "
+                    "conversion, new apply_mode/restore calls use the new one.",
+                    stacklevel=2,
+                )
+            for registry in self._all():
+                if registry._name2descriptor.get(name) is old:
+                    registry._name2descriptor[name] = descriptor
         self._name2descriptor[name] = descriptor
         return cls_descriptor
 
@@ -237,6 +316,30 @@ class _ModeRegistryCls:
         if foreign is not None:
             return foreign
         raise KeyError(f"Registry {registry_name} not found.")
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _interactive() -> bool:
+    """Whether we run in an interactive session: IPython/Jupyter or ``python -i`` / the REPL."""
+    ipython = sys.modules.get("IPython")
+    if ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None:
+        return True
+    return hasattr(sys, "ps1") or bool(sys.flags.interactive)
+
+
+def _replacement(old: ModeDescriptor, new_cls: type, replace: bool) -> str | None:
+    """Why ``new_cls`` may replace ``old`` ("" when asked with replace=True), or None."""
+    if replace:
+        return ""
+    old_cls = type(old)
+    if (old_cls.__module__, old_cls.__qualname__) == (new_cls.__module__, new_cls.__qualname__):
+        return "the class was defined again"
+    if _interactive():
+        return "from an interactive session"
+    return None
 
 
 def _is_pair(value: Any) -> bool:

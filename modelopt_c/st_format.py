@@ -55,8 +55,9 @@ def save_file(
     state_dict: dict[str, Any],
     modelopt_state: dict[str, Any],
     *,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], object] | None = None,
     buffers: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write ``state_dict`` and ``modelopt_state`` to ``path`` crash-safely.
 
@@ -64,8 +65,12 @@ def save_file(
     the model's weights keep their state_dict names.  An entry that is the same tensor
     as an earlier one (tied weights) is stored once, its name listed in the metadata's
     ``aliases``; ``buffers`` (non-persistent buffers, by key) are stored as
-    ``__modelopt_buffer__.<key>``.  Either makes the file format_version "2".
+    ``__modelopt_buffer__.<key>``; ``extra`` (periodic.py): its tensors as
+    ``__modelopt_extra__.<i>``, the rest in the metadata.  Any of the three makes the
+    file format_version "2".
     """
+    from .periodic import EXTRA_METADATA_KEY, EXTRA_PREFIX, encode_extra
+
     where = os.fspath(path)
     extras: list[Any] = []
     payload = _conversion.encode_state(modelopt_state, extras)
@@ -73,8 +78,8 @@ def save_file(
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, tensor in state_dict.items():
-        if isinstance(name, str) and name.startswith((RESERVED_PREFIX, BUFFER_PREFIX)):
-            prefix = RESERVED_PREFIX if name.startswith(RESERVED_PREFIX) else BUFFER_PREFIX
+        if isinstance(name, str) and name.startswith((RESERVED_PREFIX, BUFFER_PREFIX, EXTRA_PREFIX)):
+            prefix = next(p for p in (RESERVED_PREFIX, BUFFER_PREFIX, EXTRA_PREFIX) if name.startswith(p))
             raise CheckpointError(f"{where}: state_dict key {name!r} uses the reserved prefix {prefix!r}")
         ident = _identity(tensor)
         if ident is not None and ident in seen:
@@ -89,11 +94,14 @@ def save_file(
         tensors[f"{BUFFER_PREFIX}{name}"] = tensor
     metadata = {
         "format": FORMAT_NAME,
-        "format_version": "2" if aliases or buffers else "1",
+        "format_version": "2" if aliases or buffers or extra else "1",
         "modelopt_state": base64.b64encode(bytes(payload)).decode("ascii"),
     }
     if aliases:
         metadata["aliases"] = json.dumps(aliases, separators=(",", ":"))
+    if extra:
+        metadata[EXTRA_METADATA_KEY], extra_tensors = encode_extra(extra, where)
+        tensors.update(extra_tensors)
     _conversion.st_write(path, tensors, metadata, progress=progress)
 
 
@@ -181,8 +189,11 @@ def load_file(
     Tied names stored once come back as the same tensor; the non-persistent buffers
     are left out unless ``buffers=True`` (then under ``BUFFER_PREFIX``, as restore wants).
     """
+    from .periodic import split_extra
+
     where = os.fspath(path)
     metadata, tensors = _conversion.st_read(path, verify=verify, _verify_if_present=True)
+    _, tensors = split_extra(tensors)  # a training state saved beside the model: load_extra's
     found: dict[str, Any] = {}
     extras, state_dict = split_tensors(tensors, where, found)
     if plain and metadata.get("format") != FORMAT_NAME:

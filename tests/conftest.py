@@ -29,17 +29,24 @@ def pytest_configure(config):
                             "selected with -m isolated or --run-isolated)")
     config.addinivalue_line("markers", "distributed: spawns 2-4 gloo ranks on CPU (skipped unless "
                             "selected with -m distributed or --run-distributed)")
+    config.addinivalue_line("markers", "slow: a check of 20 s or more (mypy, the executed notebook, real "
+                            "scripts), skipped unless selected with -m slow (or --run-isolated)")
 
 
 def pytest_collection_modifyitems(config, items):
-    # the `distributed` marker: spawned process groups (tests/test_distributed.py), slow
-    # on small machines; skipped by default like the leak loops, CI runs them
+    # markers skipped by default (CI runs each as a step of its own): leak loops, spawned
+    # process groups (tests/test_distributed.py), slow checks
     markexpr = config.getoption("markexpr") or ""
-    for marker, option, how in (("isolated", "--run-isolated", "leak loop"),
-                                ("distributed", "--run-distributed", "spawned process group")):
-        if config.getoption(option) or marker in markexpr:
+    for marker, selected, how in (
+        ("isolated", config.getoption("--run-isolated"), "leak loop: run with -m isolated or --run-isolated"),
+        ("distributed", config.getoption("--run-distributed"),
+         "spawned process group: run with -m distributed or --run-distributed"),
+        ("slow", config.getoption("--run-isolated"), "slow check (mypy, the executed notebook, the SIGKILL "
+         "resume, real scripts): run with -m slow"),
+    ):
+        if selected or marker in markexpr:
             continue
-        skip = pytest.mark.skip(reason=f"{how}: run with -m {marker} or {option} (CI does)")
+        skip = pytest.mark.skip(reason=f"{how} (CI does)")
         for item in items:
             if marker in item.keywords:
                 item.add_marker(skip)

@@ -73,7 +73,7 @@ def test_descriptor_defaults_and_identity():
     assert (d.next_modes, d.next_prohibited_modes, d.export_mode) == (None, None, None)
     assert (d.is_export_mode, d.require_model_like, d.save_mode_in_state) == (False, False, True)
     assert d.update_for_save(None, None, None) is None and d.update_for_new_mode(None, None, None) is None
-    assert str(d) == "d_defaults" and repr(d) == "<D_d_defaults: 'd_defaults'>" and hash(d) == hash("d_defaults")
+    assert str(d) == "d_defaults" and repr(d) == "<D_d_defaults: 'd_defaults'; config AConfig>" and hash(d) == hash("d_defaults")
     with pytest.raises(RuntimeError, match="^Search is not supported for this mode.$"):
         d.search_algorithm
     assert mto._ModeDescriptor is mto.ModeDescriptor

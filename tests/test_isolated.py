@@ -21,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 SCRIPTS = {
     "leaks_conversion": ["manager", "apply_mode", "modelopt_state", "get_mode", "restore_from_modelopt_state",
                          "unknown mode", "bad config", "bad convert", "order", "init twice", "malformed"],
-    "leaks_checkpoints": ["save", "restore", "file objects", "not a checkpoint", "wrong arch", "missing dir"],
+    "leaks_checkpoints": ["save", "restore", "file objects", "not a checkpoint", "wrong arch", "missing dir",
+                          "save with progress", "restore with progress", "started hook raises",
+                          "progress hook raises"],
     "leaks_codec": ["codec"],
     "leaks_safetensors": ["st_write/st_read", "fds and mappings"]
     + ([] if os.environ.get("MODELOPT_C_SANITIZE") else ["rss"]),

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import modelopt_c as mto
+from modelopt_c import _conversion
 from modes import TinyNet, facade, register
 
 MODES = register(facade("modelopt_c"))  # keep the registry alive
@@ -55,3 +56,19 @@ mto.save(TinyNet(), good)
 leak_check("wrong arch", lambda: expect(RuntimeError, mto.restore, nn.Linear(1, 1), good), rounds=250,
            baseline=lambda: torch.load(good, mmap=True, weights_only=True))
 leak_check("missing dir", lambda: expect(FileNotFoundError, mto.save, TinyNet(), os.path.join(tmp, "no", "x.pt")))
+
+# the progress hooks of the native writer and loader (success and a raising hook)
+leak_check("save with progress", lambda: mto.save(base, path, progress=lambda d, t: None), rounds=250,
+           baseline=lambda: torch.save(ckpt, path + ".t"))
+leak_check("restore with progress", lambda: mto.restore(TinyNet(), path, progress=lambda d, t: None), rounds=250,
+           baseline=lambda: torch.load(path, mmap=True, weights_only=True))
+
+
+def refuse(*args):
+    raise KeyError("stop")
+
+
+leak_check("started hook raises", lambda: expect(KeyError, _conversion._save_torch_file, path, ckpt,
+                                                  _started=refuse), rounds=250)
+leak_check("progress hook raises", lambda: expect(KeyError, mto.restore, TinyNet(), path, progress=refuse),
+           rounds=250, baseline=lambda: torch.load(path, mmap=True, weights_only=True))
