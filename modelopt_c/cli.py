@@ -28,6 +28,7 @@ from .checkpoint import (
 from .periodic import load_extra, torch_checkpoint
 from .progress import reporting, watch_file
 from .summary import (  # the inspect report is the library's (describe() shows the same)
+    KIND_DCP,
     KIND_OURS,
     KIND_PLAIN,  # noqa: F401  (re-exported: the kinds detect_kind returns)
     KIND_TORCH,
