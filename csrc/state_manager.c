@@ -3,6 +3,8 @@
  * configs stay Python objects; this file does the bookkeeping around them. */
 #include "state_manager.h"
 
+#include "args.h"
+
 #include <stdarg.h>
 #include <structmember.h>
 
@@ -709,7 +711,7 @@ done:
 /* ---- Python methods --------------------------------------------------------------- */
 
 PyDoc_STRVAR(is_converted_doc,
-"is_converted(model, is_root=False) -> bool\n\n"
+"is_converted($cls, /, model, is_root=False)\n--\n\n"
 "Whether some module of `model` carries modelopt state.  Raises AssertionError when\n"
 "several modules do, or, with is_root=True, when the one that does is not the root.");
 
@@ -730,7 +732,7 @@ sm_py_is_converted(PyObject *cls, PyObject *args, PyObject *kwargs)
     return r < 0 ? NULL : PyBool_FromLong(r);
 }
 
-PyDoc_STRVAR(state_dict_doc, "state_dict() -> list\n\nThe state list itself (a reference, not a copy).");
+PyDoc_STRVAR(state_dict_doc, "state_dict($self, /)\n--\n\nThe state list itself (a reference, not a copy).");
 
 static PyObject *
 sm_py_state_dict(StateManager *self, PyObject *Py_UNUSED(ignored))
@@ -739,7 +741,7 @@ sm_py_state_dict(StateManager *self, PyObject *Py_UNUSED(ignored))
 }
 
 PyDoc_STRVAR(load_state_dict_doc,
-"load_state_dict(state_dict, version=None)\n\n"
+"load_state_dict($self, /, state_dict, version=None)\n--\n\n"
 "Load a list of (mode_name, {'config', 'metadata'}) entries into this empty manager:\n"
 "each entry is replayed through add_mode (configs validate, mode order is checked),\n"
 "then the state equals the given entries.  On error nothing is loaded.  Warns when\n"
@@ -761,7 +763,7 @@ sm_py_load_state_dict(StateManager *self, PyObject *args, PyObject *kwargs)
 }
 
 PyDoc_STRVAR(transfer_state_dict_doc,
-"transfer_state_dict(model_from, model_to)\n\n"
+"transfer_state_dict($cls, /, model_from, model_to)\n--\n\n"
 "Move the state (the same list object) from `model_from` to `model_to`, which must\n"
 "have none; afterwards `model_from` has none.");
 
@@ -781,7 +783,7 @@ sm_py_transfer_state_dict(PyObject *cls, PyObject *args, PyObject *kwargs)
 }
 
 PyDoc_STRVAR(has_state_for_mode_type_doc,
-"has_state_for_mode_type(mode_type, *, model=None, state=None) -> bool\n\n"
+"has_state_for_mode_type($cls, /, mode_type, *, model=None, state=None)\n--\n\n"
 "Whether the model's (or the given modelopt state's) modes include one of the\n"
 "registry named `mode_type` (e.g. 'quantization').  Give exactly one of model/state.");
 
@@ -839,12 +841,13 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(remove_state_doc, "remove_state(model)\n\nDelete the state attribute from `model`.");
+PyDoc_STRVAR(remove_state_doc, "remove_state($cls, /, model)\n--\n\nDelete the state attribute from `model`.");
 
 static PyObject *
-sm_py_remove_state(PyObject *cls, PyObject *model)
+sm_py_remove_state(PyObject *cls, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    ModuleState *st = module_state_from_type((PyTypeObject *)cls);
+    PyObject *model = args_one("remove_state", "model", args, nargs, kwnames);
+    ModuleState *st = model == NULL ? NULL : module_state_from_type((PyTypeObject *)cls);
     if (st == NULL || PyObject_DelAttr(model, st->s_state_key) < 0) {
         return NULL;
     }
@@ -852,8 +855,9 @@ sm_py_remove_state(PyObject *cls, PyObject *model)
 }
 
 PyDoc_STRVAR(modes_with_states_doc,
-"modes_with_states() -> iterator of (descriptor, config, metadata)\n\n"
-"Each recorded mode with its config rebuilt through the mode's config class.");
+"modes_with_states($self, /)\n--\n\n"
+"An iterator of (descriptor, config, metadata): each recorded mode with its config\n"
+"rebuilt through the mode's config class.");
 
 static PyObject *
 sm_py_modes_with_states(StateManager *self, PyObject *Py_UNUSED(ignored))
@@ -889,8 +893,8 @@ done:
 }
 
 PyDoc_STRVAR(get_config_class_doc,
-"get_config_class(mode, config) -> ModeloptBaseConfig\n\n"
-"The mode's config class built from the `config` dict (validated).");
+"get_config_class($cls, /, mode, config)\n--\n\n"
+"The mode's config class built from the `config` dict (validated): a ModeloptBaseConfig.");
 
 static PyObject *
 sm_py_get_config_class(PyObject *cls, PyObject *args, PyObject *kwargs)
@@ -908,15 +912,16 @@ sm_py_get_config_class(PyObject *cls, PyObject *args, PyObject *kwargs)
 }
 
 PyDoc_STRVAR(check_mode_doc,
-"check_mode(mode)\n\n"
+"check_mode($self, /, mode)\n--\n\n"
 "Raise AssertionError when `mode` may not come next: the export stack, and the\n"
 "next_modes / next_prohibited_modes of the last mode and of the last mode waiting\n"
 "for its export.");
 
 static PyObject *
-sm_py_check_mode(StateManager *self, PyObject *mode)
+sm_py_check_mode(StateManager *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    PyObject *mode = args_one("check_mode", "mode", args, nargs, kwnames);
+    ModuleState *st = mode == NULL ? NULL : module_state_from_type(Py_TYPE(self));
     if (st == NULL || sm_check_mode(st, self, mode) < 0) {
         return NULL;
     }
@@ -924,7 +929,7 @@ sm_py_check_mode(StateManager *self, PyObject *mode)
 }
 
 PyDoc_STRVAR(add_mode_doc,
-"add_mode(mode, config, metadata)\n\n"
+"add_mode($self, /, mode, config, metadata)\n--\n\n"
 "check_mode, then append (name, {'config': config.model_dump(), 'metadata': metadata}).");
 
 static PyObject *
@@ -943,13 +948,14 @@ sm_py_add_mode(StateManager *self, PyObject *args, PyObject *kwargs)
 }
 
 PyDoc_STRVAR(update_new_doc,
-"update_last_state_before_new_mode(model)\n\n"
+"update_last_state_before_new_mode($self, /, model)\n--\n\n"
 "Run the last mode's update_for_new_mode(model, config, metadata) and store the config back.");
 
 static PyObject *
-sm_py_update_before_new_mode(StateManager *self, PyObject *model)
+sm_py_update_before_new_mode(StateManager *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    PyObject *model = args_one("update_last_state_before_new_mode", "model", args, nargs, kwnames);
+    ModuleState *st = model == NULL ? NULL : module_state_from_type(Py_TYPE(self));
     if (st == NULL || sm_update_last(st, self, model, st->s_update_for_new_mode) < 0) {
         return NULL;
     }
@@ -957,13 +963,14 @@ sm_py_update_before_new_mode(StateManager *self, PyObject *model)
 }
 
 PyDoc_STRVAR(update_save_doc,
-"update_last_state_before_save(model)\n\n"
+"update_last_state_before_save($self, /, model)\n--\n\n"
 "Run the last mode's update_for_save(model, config, metadata) and store the config back.");
 
 static PyObject *
-sm_py_update_before_save(StateManager *self, PyObject *model)
+sm_py_update_before_save(StateManager *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    PyObject *model = args_one("update_last_state_before_save", "model", args, nargs, kwnames);
+    ModuleState *st = model == NULL ? NULL : module_state_from_type(Py_TYPE(self));
     if (st == NULL || sm_update_last(st, self, model, st->s_update_for_save) < 0) {
         return NULL;
     }
@@ -1094,14 +1101,17 @@ static PyMethodDef sm_methods[] = {
      METH_VARARGS | METH_KEYWORDS | METH_CLASS, transfer_state_dict_doc},
     {"has_state_for_mode_type", (PyCFunction)(void (*)(void))sm_py_has_state_for_mode_type,
      METH_VARARGS | METH_KEYWORDS | METH_CLASS, has_state_for_mode_type_doc},
-    {"remove_state", (PyCFunction)sm_py_remove_state, METH_O | METH_CLASS, remove_state_doc},
+    {"remove_state", (PyCFunction)(void (*)(void))sm_py_remove_state, METH_FASTCALL | METH_KEYWORDS | METH_CLASS,
+     remove_state_doc},
     {"modes_with_states", (PyCFunction)sm_py_modes_with_states, METH_NOARGS, modes_with_states_doc},
     {"get_config_class", (PyCFunction)(void (*)(void))sm_py_get_config_class,
      METH_VARARGS | METH_KEYWORDS | METH_CLASS, get_config_class_doc},
-    {"check_mode", (PyCFunction)sm_py_check_mode, METH_O, check_mode_doc},
+    {"check_mode", (PyCFunction)(void (*)(void))sm_py_check_mode, METH_FASTCALL | METH_KEYWORDS, check_mode_doc},
     {"add_mode", (PyCFunction)(void (*)(void))sm_py_add_mode, METH_VARARGS | METH_KEYWORDS, add_mode_doc},
-    {"update_last_state_before_new_mode", (PyCFunction)sm_py_update_before_new_mode, METH_O, update_new_doc},
-    {"update_last_state_before_save", (PyCFunction)sm_py_update_before_save, METH_O, update_save_doc},
+    {"update_last_state_before_new_mode", (PyCFunction)(void (*)(void))sm_py_update_before_new_mode,
+     METH_FASTCALL | METH_KEYWORDS, update_new_doc},
+    {"update_last_state_before_save", (PyCFunction)(void (*)(void))sm_py_update_before_save,
+     METH_FASTCALL | METH_KEYWORDS, update_save_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1125,7 +1135,7 @@ static PyMemberDef sm_members[] = {
 };
 
 PyDoc_STRVAR(sm_doc,
-"ModeloptStateManager(model=None, init_state=False)\n\n"
+"ModeloptStateManager(model=None, init_state=False)\n--\n\n"
 "The record of the modes applied to a model, kept on the model's root module as\n"
 "`_modelopt_state` (a list of (mode_name, {'config', 'metadata'})) and\n"
 "`_modelopt_state_version`.  The manager holds references to those lists, so what\n"

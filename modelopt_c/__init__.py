@@ -22,6 +22,7 @@ from ._runtime import MODELOPT_STATE_VERSION
 from .checkpoint import CheckpointError, load_modelopt_state, restore, restore_from_modelopt_state, save
 from .codec import dumps_state, loads_state
 from .config import ModeloptBaseConfig, ModeloptField
+from .dropin import install, is_installed, uninstall
 from .mode import ModeDescriptor, _ModeDescriptor, _ModeRegistryCls, get_mode_config
 from .model_like import ModelLikeModule
 
@@ -44,10 +45,13 @@ __all__ = [
     "dumps_state",
     "get_mode",
     "get_mode_config",
+    "install",
+    "is_installed",
     "load_modelopt_state",
     "loads_state",
     "modelopt_state",
     "restore",
     "restore_from_modelopt_state",
     "save",
+    "uninstall",
 ]

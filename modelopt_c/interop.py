@@ -29,8 +29,15 @@ _MODE_PACKAGES = (
 )
 
 
+def _nvidia_module(name: str) -> Any | None:
+    """nvidia-modelopt's loaded module ``name``; None when not loaded, or when the name is
+    modelopt_c's stand-in (``dropin``: ``modelopt.torch.opt`` without nvidia-modelopt)."""
+    mod = sys.modules.get(name)
+    return mod if mod is not None and getattr(mod, "__name__", None) == name else None
+
+
 def _registries() -> list[Any]:
-    mod = sys.modules.get("modelopt.torch.opt.mode")
+    mod = _nvidia_module("modelopt.torch.opt.mode")
     return list(mod._ModeRegistryCls._all_registries) if mod is not None else []
 
 
@@ -97,5 +104,5 @@ def model_like_class_for(descriptor: Any) -> type | None:
     """
     if not type(descriptor).__module__.startswith("modelopt."):
         return None
-    conversion = sys.modules.get("modelopt.torch.opt.conversion")
+    conversion = _nvidia_module("modelopt.torch.opt.conversion")
     return getattr(conversion, "ModelLikeModule", None)

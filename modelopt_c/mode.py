@@ -20,6 +20,8 @@ __all__ = ["ModeDescriptor", "_ModeDescriptor", "_ModeRegistryCls", "get_mode_co
 MetadataDict = dict[str, Any]
 ConfigDict = dict[str, Any]
 ModeConfigList = list[tuple[str, ConfigDict]]
+ModeState = dict[str, Any]  # {"config": ConfigDict, "metadata": MetadataDict}, one mode's entry
+ConvertReturnType = tuple[nn.Module, MetadataDict]
 ConvertEntrypoint = Callable[..., tuple[nn.Module, MetadataDict]]
 RestoreEntrypoint = Callable[[nn.Module, ModeloptBaseConfig, MetadataDict], nn.Module]
 UpdateEntrypoint = Callable[[nn.Module, ModeloptBaseConfig, MetadataDict], None]
@@ -130,6 +132,8 @@ class ModeDescriptor(ABC):
 
 _ModeDescriptor = ModeDescriptor
 ModeType = ModeDescriptor | str
+ModeLike = ModeType | list[ModeType] | ModeConfigList
+ModeKwargsType = dict[str, Any] | list[dict[str, Any]]
 T = TypeVar("T", bound=ModeDescriptor)
 
 
