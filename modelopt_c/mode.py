@@ -6,6 +6,7 @@ through ``_ModeRegistryCls.get_from_any`` (see ``_runtime``).
 
 from __future__ import annotations
 
+import difflib
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -222,10 +223,8 @@ class _ModeRegistryCls:
             found = interop.find_modes(name)
         if not found:
             known = sorted({n for r in cls._all() for n in r._name2descriptor} | set(interop.mode_names()))
-            raise KeyError(
-                f"Mode {mode} not found in any registry. Registered modes: {known}. "
-                "Import the package that defines the mode before applying or restoring it."
-            )
+            raise KeyError(f"Mode {mode} not found in any registry.{_unknown_mode_hint(name, known)} Registered "
+                           f"modes: {known}. Import the package that defines the mode before applying or restoring it.")
         assert all(found[0] == d for d in found), f"Mode {mode} is ambiguous."
         return found[0]
 
@@ -241,6 +240,16 @@ class _ModeRegistryCls:
         if foreign is not None:
             return foreign
         raise KeyError(f"Registry {registry_name} not found.")
+
+
+def _unknown_mode_hint(name: str, known: list[str]) -> str:
+    """What to do about a mode no registry has: install nvidia-modelopt, or the likely typo."""
+    from . import interop
+
+    if name in interop.NVIDIA_MODES and interop.installed_version() is None:
+        return f" mode {name!r} comes from nvidia-modelopt: pip install nvidia-modelopt."
+    close = difflib.get_close_matches(name, sorted(set(known) | set(interop.NVIDIA_MODES)), n=3, cutoff=0.7)
+    return f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 
 def _is_pair(value: Any) -> bool:

@@ -353,6 +353,13 @@ for name in ("modelopt.torch.quantization", "modelopt.torch.opt.plugins", "model
         importlib.import_module(name)
     except ModuleNotFoundError as exc:
         print(exc.name, "|", exc)
+try:
+    modelopt_c.restore_from_modelopt_state(
+        __import__("torch").nn.Linear(2, 2),
+        {"modelopt_state_dict": [("quantize", {"config": {}, "metadata": {}})], "modelopt_version": "0.47.0"},
+    )
+except KeyError as exc:
+    print(exc.args[0])
 modelopt_c.uninstall()
 assert "modelopt" not in sys.modules and "modelopt.torch.opt" not in sys.modules
 try:
@@ -370,7 +377,11 @@ except ModuleNotFoundError as exc:
     )
     assert lines[1].startswith("modelopt.torch.opt.plugins | No module named 'modelopt.torch.opt.plugins': ")
     assert lines[2].startswith("modelopt.onnx | No module named 'modelopt.onnx': ")
-    assert lines[3] == "after uninstall: No module named 'modelopt'"
+    assert lines[3].startswith(
+        "Mode quantize not found in any registry. mode 'quantize' comes from nvidia-modelopt: pip install "
+        "nvidia-modelopt. Registered modes: ["
+    )
+    assert lines[4] == "after uninstall: No module named 'modelopt'"
 
 
 def test_the_start_up_hook_chains_to_the_next_sitecustomize(tmp_path):
@@ -390,3 +401,38 @@ def test_the_start_up_hook_chains_to_the_next_sitecustomize(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "yes [None, None] False False"
 
+
+
+# ---- unknown modes ------------------------------------------------------------------------
+
+
+def test_a_mistyped_mode_gets_did_you_mean_and_imports_nothing():
+    before = {n for n in sys.modules if n.startswith("modelopt")}
+    with pytest.raises(KeyError) as info:
+        mc._ModeRegistryCls.get_from_any("quantise")
+    message = info.value.args[0]
+    assert message.startswith("Mode quantise not found in any registry. Did you mean 'quantize'? Registered modes: [")
+    assert message.endswith("Import the package that defines the mode before applying or restoring it.")
+    assert {n for n in sys.modules if n.startswith("modelopt")} == before
+    with pytest.raises(KeyError) as info:
+        mc._ModeRegistryCls.get_from_any("zzz_nothing_like_it")
+    assert info.value.args[0].startswith("Mode zzz_nothing_like_it not found in any registry. Registered modes: [")
+
+
+def test_an_nvidia_mode_imports_its_own_package_only():
+    descriptor = mc._ModeRegistryCls.get_from_any("kd_loss")
+    assert type(descriptor).__module__ == "modelopt.torch.distill.mode"
+    assert interop.NVIDIA_MODES["kd_loss"] == "modelopt.torch.distill"
+    assert interop._import_mode_packages("not_a_mode") is False
+
+
+def test_nvidia_modes_table_is_the_installed_versions():
+    """NVIDIA_MODES lists every mode nvidia-modelopt 0.47.0 registers (its mode packages imported)."""
+    import importlib
+
+    for package in interop._MODE_PACKAGES:
+        importlib.import_module(package)
+    registered = set(interop.mode_names())
+    assert registered <= set(interop.NVIDIA_MODES), registered - set(interop.NVIDIA_MODES)
+    # the two that need optional packages (megatron, puzzletron's dependencies)
+    assert set(interop.NVIDIA_MODES) - registered <= {"mcore_minitron", "puzzletron"}
