@@ -340,8 +340,9 @@ conversion_modelopt_state_impl(ModuleState *st, PyObject *model_arg)
     if ((model = unwrap(st, model_arg, "force")) == NULL) {
         goto done;
     }
-    int converted = sm_is_converted(st, model, 0);
-    if (converted < 0 || (sm = sm_new(st, converted ? model : NULL, 0)) == NULL ||
+    /* one walk: is_root=1 raises what the reference's second check (the manager's) raises */
+    int converted = sm_is_converted(st, model, 1);
+    if (converted < 0 || (sm = converted ? sm_of_root(st, model) : sm_new(st, NULL, 0)) == NULL ||
         sm_update_last(st, sm, model, st->s_update_for_save) < 0 || (kept = PyList_New(0)) == NULL) {
         goto done;
     }
@@ -401,11 +402,11 @@ conversion_get_mode(PyObject *module, PyObject *const *args, Py_ssize_t nargs, P
         return NULL;
     }
     ModuleState *st = module_state(module);
-    int converted = sm_is_converted(st, model, 0);
+    int converted = sm_is_converted(st, model, 1); /* and the manager's root check: one walk */
     if (converted <= 0) {
         return converted < 0 ? NULL : Py_NewRef(Py_None);
     }
-    StateManager *sm = sm_new(st, model, 0);
+    StateManager *sm = sm_of_root(st, model);
     if (sm == NULL) {
         return NULL;
     }

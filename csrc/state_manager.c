@@ -10,18 +10,12 @@
 
 /* ---- finding the state in a module tree --------------------------------------- */
 
-/* Whether `module` has the state attribute: in its instance dict or on its class
- * (what hasattr() sees for an nn.Module), without raising AttributeErrors. */
+/* Whether `type` (its MRO's dicts: what hasattr() sees on the class) has the state
+ * attribute, without raising AttributeErrors. */
 static int
-module_has_state(ModuleState *st, PyObject *module, PyObject *dict)
+type_has_state(ModuleState *st, PyTypeObject *type)
 {
-    if (dict != NULL) {
-        int r = PyDict_Contains(dict, st->s_state_key);
-        if (r != 0) {
-            return r;
-        }
-    }
-    PyObject *mro = Py_TYPE(module)->tp_mro;
+    PyObject *mro = type->tp_mro;
     if (mro == NULL) {
         return 0;
     }
@@ -48,11 +42,88 @@ instance_dict(PyObject *obj)
     return dict;
 }
 
+/* The walk's bookkeeping, in C: tens of thousands of modules per call, so no Python set
+ * or list per step.  `seen` is an open-addressing set of module addresses (the walk holds
+ * a strong reference to every module on `stack`, and the tree holds the rest, so an
+ * address cannot be reused while the walk runs). */
+typedef struct {
+    PyObject **stack; /* strong references */
+    Py_ssize_t depth, stack_cap;
+    uintptr_t *seen; /* 0: empty slot */
+    size_t seen_mask, seen_used;
+} Walk;
+
+static int
+walk_push(Walk *w, PyObject *module)
+{
+    if (w->depth == w->stack_cap) {
+        Py_ssize_t cap = w->stack_cap ? w->stack_cap * 2 : 64;
+        PyObject **grown = PyMem_Realloc(w->stack, (size_t)cap * sizeof(PyObject *));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        w->stack = grown;
+        w->stack_cap = cap;
+    }
+    w->stack[w->depth++] = Py_NewRef(module);
+    return 0;
+}
+
+/* 1 when `module` is new to the walk (now recorded), 0 when seen before, -1 on error. */
+static int
+walk_first_visit(Walk *w, PyObject *module)
+{
+    if (2 * (w->seen_used + 1) > w->seen_mask + 1) { /* keep the load under 1/2 */
+        size_t size = w->seen_mask ? 2 * (w->seen_mask + 1) : 256;
+        uintptr_t *table = PyMem_Calloc(size, sizeof(uintptr_t));
+        if (table == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (size_t i = 0; w->seen != NULL && i <= w->seen_mask; i++) {
+            if (w->seen[i] != 0) {
+                size_t j = (size_t)((w->seen[i] >> 4) * 0x9E3779B97F4A7C15ull) & (size - 1);
+                while (table[j] != 0) {
+                    j = (j + 1) & (size - 1);
+                }
+                table[j] = w->seen[i];
+            }
+        }
+        PyMem_Free(w->seen);
+        w->seen = table;
+        w->seen_mask = size - 1;
+    }
+    uintptr_t key = (uintptr_t)module;
+    size_t j = (size_t)((key >> 4) * 0x9E3779B97F4A7C15ull) & w->seen_mask;
+    while (w->seen[j] != 0) {
+        if (w->seen[j] == key) {
+            return 0;
+        }
+        j = (j + 1) & w->seen_mask;
+    }
+    w->seen[j] = key;
+    w->seen_used++;
+    return 1;
+}
+
+static void
+walk_free(Walk *w)
+{
+    while (w->depth > 0) {
+        Py_DECREF(w->stack[--w->depth]);
+    }
+    PyMem_Free(w->stack);
+    PyMem_Free(w->seen);
+}
+
 int
 sm_is_converted(ModuleState *st, PyObject *model, int is_root)
 {
-    PyObject *seen = NULL, *stack = NULL, *module = NULL, *dict = NULL, *children = NULL;
-    int found = 0, root_has_state = 0, result = -1;
+    PyObject *module = NULL, *dict = NULL, *children = NULL;
+    PyTypeObject *last_type = NULL; /* consecutive modules mostly share a class */
+    int last_type_has = 0, found = 0, root_has_state = 0, result = -1;
+    Walk w = {0};
 
     int ok = PyObject_IsInstance(model, st->nn_Module);
     if (ok <= 0) {
@@ -64,22 +135,17 @@ sm_is_converted(ModuleState *st, PyObject *model, int is_root)
         }
         return -1;
     }
-    if ((seen = PySet_New(NULL)) == NULL || (stack = PyList_New(0)) == NULL ||
-        PyList_Append(stack, model) < 0) {
+    if (walk_push(&w, model) < 0) {
         goto done;
     }
     /* Depth-first walk of `_modules`, as named_modules() does (each module once). */
-    while (PyList_GET_SIZE(stack) > 0) {
-        Py_ssize_t last = PyList_GET_SIZE(stack) - 1;
-        module = Py_NewRef(PyList_GET_ITEM(stack, last));
-        if (PyList_SetSlice(stack, last, last + 1, NULL) < 0) {
-            goto done;
-        }
-        int dup = PySet_Contains(seen, module);
-        if (dup < 0 || (dup == 0 && PySet_Add(seen, module) < 0)) {
-            goto done;
-        }
-        if (dup) {
+    while (w.depth > 0) {
+        module = w.stack[--w.depth]; /* the stack's reference, now ours */
+        int first = walk_first_visit(&w, module);
+        if (first <= 0) {
+            if (first < 0) {
+                goto done;
+            }
             Py_CLEAR(module);
             continue;
         }
@@ -87,7 +153,16 @@ sm_is_converted(ModuleState *st, PyObject *model, int is_root)
         if (dict == NULL && PyErr_Occurred()) {
             goto done;
         }
-        int has = module_has_state(st, module, dict);
+        int has = dict != NULL ? PyDict_Contains(dict, st->s_state_key) : 0;
+        if (has == 0) {
+            if (Py_TYPE(module) != last_type) {
+                if ((last_type_has = type_has_state(st, Py_TYPE(module))) < 0) {
+                    goto done;
+                }
+                last_type = Py_TYPE(module);
+            }
+            has = last_type_has;
+        }
         if (has < 0) {
             goto done;
         }
@@ -105,7 +180,7 @@ sm_is_converted(ModuleState *st, PyObject *model, int is_root)
             Py_ssize_t pos = 0;
             PyObject *key, *child;
             while (PyDict_Next(children, &pos, &key, &child)) {
-                if (child != Py_None && PyList_Append(stack, child) < 0) {
+                if (child != Py_None && walk_push(&w, child) < 0) {
                     goto done;
                 }
             }
@@ -123,8 +198,7 @@ done:
     Py_XDECREF(children);
     Py_XDECREF(dict);
     Py_XDECREF(module);
-    Py_XDECREF(stack);
-    Py_XDECREF(seen);
+    walk_free(&w);
     return result;
 }
 
@@ -200,6 +274,24 @@ done:
     Py_XDECREF(version_list);
     Py_XDECREF(version);
     return result;
+}
+
+StateManager *
+sm_of_root(ModuleState *st, PyObject *model)
+{
+    StateManager *self = NULL;
+    int falsy = PyObject_Not(model);
+    if (falsy != 0) { /* a falsy model gets a fresh module, as the constructor does */
+        return falsy < 0 ? NULL : sm_new(st, model, 0);
+    }
+    if ((self = sm_alloc(st, st->StateManagerType)) == NULL) {
+        return NULL;
+    }
+    if ((self->state = PyObject_GetAttr(model, st->s_state_key)) == NULL ||
+        (self->version = PyObject_GetAttr(model, st->s_version_key)) == NULL) {
+        Py_CLEAR(self);
+    }
+    return self;
 }
 
 StateManager *

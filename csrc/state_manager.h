@@ -19,6 +19,10 @@ int sm_is_converted(ModuleState *st, PyObject *model, int is_root);
 /* A new manager over `model` (NULL or falsy: a fresh module), as SPEC §5's constructor. */
 StateManager *sm_new(ModuleState *st, PyObject *model, int init_state);
 
+/* A new manager over `model`, whose root is known to carry the state: sm_is_converted(st,
+ * model, 1) returned 1 just before (one walk of the tree instead of two). */
+StateManager *sm_of_root(ModuleState *st, PyObject *model);
+
 /* New reference to the descriptor registered as `mode` anywhere. */
 PyObject *sm_descriptor(ModuleState *st, PyObject *mode);
 

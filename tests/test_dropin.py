@@ -436,3 +436,53 @@ def test_nvidia_modes_table_is_the_installed_versions():
     assert registered <= set(interop.NVIDIA_MODES), registered - set(interop.NVIDIA_MODES)
     # the two that need optional packages (megatron, puzzletron's dependencies)
     assert set(interop.NVIDIA_MODES) - registered <= {"mcore_minitron", "puzzletron"}
+
+
+# ---- the one-walk bookkeeping (is_converted, modelopt_state, get_mode) ---------------------
+
+
+def _tree(n_blocks: int) -> nn.Module:
+    shared = nn.Linear(2, 2)  # one module reachable from every block: visited once
+    return nn.Sequential(*[nn.Sequential(nn.Linear(2, 2), shared, nn.ReLU()) for _ in range(n_blocks)])
+
+
+def test_walk_over_thousands_of_modules_with_shared_ones():
+    model = _tree(700)  # 2,802 distinct modules, 700 paths to the shared one
+    assert mc.ModeloptStateManager.is_converted(model) is False
+    deep = model[699][2]
+    deep._modelopt_state = []
+    assert mc.ModeloptStateManager.is_converted(model) is True
+    assert NVIDIA["ModeloptStateManager"].is_converted(model) is True
+    for call in (lambda: mc.modelopt_state(model), lambda: mc.get_mode(model),
+                 lambda: mc.ModeloptStateManager.is_converted(model, is_root=True)):
+        with pytest.raises(AssertionError, match=r"^Model has modelopt state but not the root!$"):
+            call()
+    with pytest.raises(AssertionError, match=r"^Model has modelopt state but not the root!$"):
+        NVIDIA["modelopt_state"](model)
+    model[0][1]._modelopt_state = []  # the shared module: one more state
+    with pytest.raises(AssertionError, match=r"^Model has multiple modelopt states!$"):
+        mc.modelopt_state(model)
+    with pytest.raises(AssertionError, match=r"^Model has multiple modelopt states!$"):
+        NVIDIA["modelopt_state"](model)
+
+
+def test_state_declared_on_a_class_counts_once_per_module():
+    class Stateful(nn.Linear):
+        _modelopt_state = []
+
+    model = nn.Sequential(nn.Linear(2, 2), Stateful(2, 2), nn.Linear(2, 2))
+    assert mc.ModeloptStateManager.is_converted(model) is True
+    model.append(Stateful(2, 2))
+    with pytest.raises(AssertionError, match=r"^Model has multiple modelopt states!$"):
+        mc.ModeloptStateManager.is_converted(model)
+
+
+def test_modelopt_state_of_a_converted_model_after_one_walk():
+    model = mc.apply_mode(_tree(3), [])
+    mc.ModeloptStateManager(model, init_state=True)
+    state = mc.modelopt_state(model)
+    assert state == {"modelopt_state_dict": [], "modelopt_version": mc._runtime.state_version()}
+    assert mc.get_mode(model) is None
+    empty = nn.Sequential()  # falsy: the manager works on a fresh module, as the reference's does
+    empty._modelopt_state, empty._modelopt_state_version = [("x", {})], ["0.47.0"]
+    assert mc.modelopt_state(empty)["modelopt_state_dict"] == NVIDIA["modelopt_state"](empty)["modelopt_state_dict"] == []
