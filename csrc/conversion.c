@@ -297,17 +297,22 @@ conversion_apply_mode(PyObject *module, PyObject *args, PyObject *kwargs)
         goto done;
     }
     if (init_state == Py_None) {
-        int is_converted = sm_is_converted(st, unwrapped, 0);
+        /* one walk: is_root=1 raises what the reference's second walk (the manager's) raises */
+        int is_converted = sm_is_converted(st, unwrapped, 1);
         if (is_converted < 0) {
             goto done;
         }
         init = !is_converted;
+        sm = is_converted ? sm_of_root(st, unwrapped) : sm_new_fresh(st, unwrapped);
     }
     else if ((init = PyObject_IsTrue(init_state)) < 0) {
         init = 0;
         goto done;
     }
-    if ((sm = sm_new(st, unwrapped, init)) == NULL) {
+    else {
+        sm = sm_new(st, unwrapped, init);
+    }
+    if (sm == NULL) {
         init = 0; /* nothing was created */
         goto done;
     }

@@ -211,8 +211,10 @@ sm_alloc(ModuleState *st, PyTypeObject *type)
     return (StateManager *)type->tp_alloc(type, 0);
 }
 
+/* `walk`: check the tree (the root must be the one module with state); 0 only when the
+ * caller has just walked it and found no state anywhere, so the fresh root state is the one. */
 static int
-sm_init(ModuleState *st, StateManager *self, PyObject *model, int init_state)
+sm_init(ModuleState *st, StateManager *self, PyObject *model, int init_state, int walk)
 {
     PyObject *fake = NULL, *state = NULL, *version_list = NULL, *version = NULL;
     int result = -1;
@@ -252,7 +254,7 @@ sm_init(ModuleState *st, StateManager *self, PyObject *model, int init_state)
         Py_CLEAR(state);
         Py_CLEAR(version_list);
     }
-    int converted = sm_is_converted(st, model, 1);
+    int converted = walk || fake != NULL ? sm_is_converted(st, model, 1) : 1;
     if (converted < 0) {
         goto done;
     }
@@ -274,6 +276,16 @@ done:
     Py_XDECREF(version_list);
     Py_XDECREF(version);
     return result;
+}
+
+StateManager *
+sm_new_fresh(ModuleState *st, PyObject *model)
+{
+    StateManager *self = sm_alloc(st, st->StateManagerType);
+    if (self != NULL && sm_init(st, self, model, 1, 0) < 0) {
+        Py_CLEAR(self);
+    }
+    return self;
 }
 
 StateManager *
@@ -301,7 +313,7 @@ sm_new(ModuleState *st, PyObject *model, int init_state)
     if (self == NULL) {
         return NULL;
     }
-    if (sm_init(st, self, model, init_state) < 0) {
+    if (sm_init(st, self, model, init_state, 1) < 0) {
         Py_DECREF(self);
         return NULL;
     }
@@ -326,7 +338,7 @@ sm_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (self == NULL) {
         return NULL;
     }
-    if (sm_init(st, self, model == Py_None ? NULL : model, init_state) < 0) {
+    if (sm_init(st, self, model == Py_None ? NULL : model, init_state, 1) < 0) {
         Py_DECREF(self);
         return NULL;
     }

@@ -23,6 +23,10 @@ StateManager *sm_new(ModuleState *st, PyObject *model, int init_state);
  * model, 1) returned 1 just before (one walk of the tree instead of two). */
 StateManager *sm_of_root(ModuleState *st, PyObject *model);
 
+/* sm_new(st, model, 1) for a model whose tree was just walked and holds no state: the
+ * fresh root state needs no second walk. */
+StateManager *sm_new_fresh(ModuleState *st, PyObject *model);
+
 /* New reference to the descriptor registered as `mode` anywhere. */
 PyObject *sm_descriptor(ModuleState *st, PyObject *mode);
 
