@@ -132,10 +132,12 @@ def install(*, force: bool = False) -> None:
     import save`` in your own module) keep nvidia's objects: switch first, or use
     ``python -m modelopt_c run``.
     """
+    nvidia = interop.installed_version() is not None
+    if nvidia:
+        _check_version(force)  # before anything is registered: a refusal leaves the switch off
     _hook.add("fallback")  # acts only while no real `modelopt` can be found
-    if interop.installed_version() is None:
+    if not nvidia:
         return
-    _check_version(force)
     _hook.add("conversion")
     conversion = sys.modules.get(CONVERSION)
     if conversion is not None:

@@ -116,7 +116,7 @@ def test_unknown_nvidia_version_raises_or_warns_with_force(switch, monkeypatch):
         "anyway with modelopt_c.install(force=True) (python -m modelopt_c run --force ...)."
     )
     assert nv_conversion.save is NVIDIA["save"]
-    assert _hook.installed("conversion") is None
+    assert not mc.is_installed() and _hook.installed("conversion") is None
     with pytest.warns(RuntimeWarning, match=r"0\.99\.1 is installed"):
         mc.install(force=True)
     assert nv_conversion.save is mc.save
