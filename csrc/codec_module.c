@@ -3,51 +3,11 @@
  * and the hand-over to codec_encode() / codec_decode() with the module's state. */
 #include "codec_module.h"
 
+#include "args.h"
+
 #include "codec_decode.h"
 #include "codec_encode.h"
 #include "module_state.h"
-
-/* Match (args, nargs, kwnames) against `names`: the first `npos` may be positional,
- * the first `nreq` are required; out[i] gets a borrowed reference or stays NULL. */
-static int
-parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-           const char *const *names, Py_ssize_t nnames, Py_ssize_t npos, Py_ssize_t nreq,
-           PyObject **out)
-{
-    if (nargs > npos) {
-        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd positional arguments (%zd given)",
-                     fname, npos, nargs);
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < nnames; i++) {
-        out[i] = i < nargs ? args[i] : NULL;
-    }
-    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
-    for (Py_ssize_t k = 0; k < nkw; k++) {
-        PyObject *kw = PyTuple_GET_ITEM(kwnames, k);
-        Py_ssize_t i = 0;
-        while (i < nnames && PyUnicode_CompareWithASCIIString(kw, names[i]) != 0) {
-            i++;
-        }
-        if (i == nnames) {
-            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R", fname, kw);
-            return -1;
-        }
-        if (out[i] != NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fname,
-                         names[i]);
-            return -1;
-        }
-        out[i] = args[nargs + k];
-    }
-    for (Py_ssize_t i = 0; i < nreq; i++) {
-        if (out[i] == NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fname, names[i]);
-            return -1;
-        }
-    }
-    return 0;
-}
 
 PyDoc_STRVAR(encode_state_doc,
 "encode_state($module, obj, /, tensors=None)\n"
@@ -69,7 +29,7 @@ codec_encode_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs, Py
 {
     static const char *const names[] = {"obj", "tensors"};
     PyObject *argv[2] = {NULL, NULL};
-    if (parse_args("encode_state", args, nargs, kwnames, names, 2, 2, 1, argv) < 0) {
+    if (args_parse("encode_state", args, nargs, kwnames, names, 2, 2, 1, argv) < 0) {
         return NULL;
     }
     if (argv[1] == Py_None) {
@@ -115,7 +75,7 @@ codec_decode_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs, Py
     Py_buffer view = {0};
 
     /* "source" is keyword-only: at most two positionals */
-    if (parse_args("decode_state", args, nargs, kwnames, names, 3, 2, 1, argv) < 0) {
+    if (args_parse("decode_state", args, nargs, kwnames, names, 3, 2, 1, argv) < 0) {
         return NULL;
     }
     if (argv[1] == Py_None) {

@@ -4,6 +4,8 @@
  * configs are called through the callbacks of module_state.h, never copied. */
 #include "state_manager.h"
 
+#include "args.h"
+
 /* A new reference to the model itself, or to a ModelLikeModule holding its recipe. */
 static PyObject *
 as_module(ModuleState *st, PyObject *model)
@@ -139,7 +141,7 @@ unpack_convert_result(ModuleState *st, PyObject *result, PyObject *descriptor, P
 }
 
 PyDoc_STRVAR(apply_mode_doc,
-"apply_mode(model, mode, registry=None, init_state=None, mode_kwargs=None) -> nn.Module\n\n"
+"apply_mode($module, /, model, mode, registry=None, init_state=None, mode_kwargs=None)\n--\n\n"
 "Apply modes to a model, record them in its modelopt state, and return the model.\n\n"
 "model: an nn.Module, a model class or callable, or (cls,), (cls, args), (cls, args, kwargs).\n"
 "mode: a name, a ModeDescriptor, a (name, config) pair, or a list of these.\n"
@@ -295,17 +297,22 @@ conversion_apply_mode(PyObject *module, PyObject *args, PyObject *kwargs)
         goto done;
     }
     if (init_state == Py_None) {
-        int is_converted = sm_is_converted(st, unwrapped, 0);
+        /* one walk: is_root=1 raises what the reference's second walk (the manager's) raises */
+        int is_converted = sm_is_converted(st, unwrapped, 1);
         if (is_converted < 0) {
             goto done;
         }
         init = !is_converted;
+        sm = is_converted ? sm_of_root(st, unwrapped) : sm_new_fresh(st, unwrapped);
     }
     else if ((init = PyObject_IsTrue(init_state)) < 0) {
         init = 0;
         goto done;
     }
-    if ((sm = sm_new(st, unwrapped, init)) == NULL) {
+    else {
+        sm = sm_new(st, unwrapped, init);
+    }
+    if (sm == NULL) {
         init = 0; /* nothing was created */
         goto done;
     }
@@ -338,8 +345,9 @@ conversion_modelopt_state_impl(ModuleState *st, PyObject *model_arg)
     if ((model = unwrap(st, model_arg, "force")) == NULL) {
         goto done;
     }
-    int converted = sm_is_converted(st, model, 0);
-    if (converted < 0 || (sm = sm_new(st, converted ? model : NULL, 0)) == NULL ||
+    /* one walk: is_root=1 raises what the reference's second check (the manager's) raises */
+    int converted = sm_is_converted(st, model, 1);
+    if (converted < 0 || (sm = converted ? sm_of_root(st, model) : sm_new(st, NULL, 0)) == NULL ||
         sm_update_last(st, sm, model, st->s_update_for_save) < 0 || (kept = PyList_New(0)) == NULL) {
         goto done;
     }
@@ -377,28 +385,33 @@ done:
 }
 
 PyDoc_STRVAR(modelopt_state_doc,
-"modelopt_state(model) -> dict\n\n"
-"{'modelopt_state_dict': [(mode, {'config', 'metadata'}), ...], 'modelopt_version': str}:\n"
+"modelopt_state($module, /, model)\n--\n\n"
+"Returns {'modelopt_state_dict': [(mode, {'config', 'metadata'}), ...], 'modelopt_version': str}:\n"
 "the modes applied to `model` (no weights).  Runs the last mode's update_for_save and\n"
 "leaves out modes whose save_mode_in_state is false.  An unconverted model gives [].");
 
 static PyObject *
-conversion_modelopt_state(PyObject *module, PyObject *model)
+conversion_modelopt_state(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return conversion_modelopt_state_impl(module_state(module), model);
+    PyObject *model = args_one("modelopt_state", "model", args, nargs, kwnames);
+    return model == NULL ? NULL : conversion_modelopt_state_impl(module_state(module), model);
 }
 
-PyDoc_STRVAR(get_mode_doc, "get_mode(model) -> ModeDescriptor | None\n\nThe last mode applied to `model`, if any.");
+PyDoc_STRVAR(get_mode_doc, "get_mode($module, /, model)\n--\n\nThe last mode (a ModeDescriptor) applied to `model`, or None.");
 
 static PyObject *
-conversion_get_mode(PyObject *module, PyObject *model)
+conversion_get_mode(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
+    PyObject *model = args_one("get_mode", "model", args, nargs, kwnames);
+    if (model == NULL) {
+        return NULL;
+    }
     ModuleState *st = module_state(module);
-    int converted = sm_is_converted(st, model, 0);
+    int converted = sm_is_converted(st, model, 1); /* and the manager's root check: one walk */
     if (converted <= 0) {
         return converted < 0 ? NULL : Py_NewRef(Py_None);
     }
-    StateManager *sm = sm_new(st, model, 0);
+    StateManager *sm = sm_of_root(st, model);
     if (sm == NULL) {
         return NULL;
     }
@@ -778,7 +791,7 @@ done:
 }
 
 PyDoc_STRVAR(restore_from_state_doc,
-"_restore_from_state(model, modelopt_state, weights=None, source=None, *, progress=None) -> nn.Module\n\n"
+"_restore_from_state($module, /, model, modelopt_state, weights=None, source=None, *, progress=None)\n--\n\n"
 "The native half of restore() and restore_from_modelopt_state() (modelopt_c.checkpoint):\n"
 "replay the modes of `modelopt_state` on `model` and, when `weights` is given, copy them\n"
 "into the model's own tensors (checked first; `source` is the file's name for messages).\n"
@@ -805,7 +818,7 @@ conversion_restore_from_state(PyObject *module, PyObject *args, PyObject *kwargs
 }
 
 PyDoc_STRVAR(save_torch_file_doc,
-"_save_torch_file(path, obj, **torch_save_kwargs) -> None\n\n"
+"_save_torch_file($module, path, obj, /, **torch_save_kwargs)\n--\n\n"
 "torch.save(obj, path, **torch_save_kwargs) through the crash-safe writer (temp file\n"
 "locked while written, fsync, rename, fsync the folder; stale temp files of the folder\n"
 "removed).  For modelopt_c.checkpoint (save, and the command-line tool's convert).\n"
@@ -825,8 +838,9 @@ conversion_save_torch_file(PyObject *module, PyObject *args, PyObject *kwargs)
 PyMethodDef conversion_methods[] = {
     {"apply_mode", (PyCFunction)(void (*)(void))conversion_apply_mode, METH_VARARGS | METH_KEYWORDS,
      apply_mode_doc},
-    {"modelopt_state", (PyCFunction)conversion_modelopt_state, METH_O, modelopt_state_doc},
-    {"get_mode", (PyCFunction)conversion_get_mode, METH_O, get_mode_doc},
+    {"modelopt_state", (PyCFunction)(void (*)(void))conversion_modelopt_state, METH_FASTCALL | METH_KEYWORDS,
+     modelopt_state_doc},
+    {"get_mode", (PyCFunction)(void (*)(void))conversion_get_mode, METH_FASTCALL | METH_KEYWORDS, get_mode_doc},
     {"_restore_from_state", (PyCFunction)(void (*)(void))conversion_restore_from_state,
      METH_VARARGS | METH_KEYWORDS, restore_from_state_doc},
     {"_save_torch_file", (PyCFunction)(void (*)(void))conversion_save_torch_file, METH_VARARGS | METH_KEYWORDS,

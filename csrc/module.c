@@ -116,7 +116,11 @@ conversion_exec(PyObject *module)
     }
 
     st->StateManagerType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &state_manager_spec, NULL);
+    /* the reference's class attributes, read by code outside the library (diffusers'
+     * ModelOpt quantizer, Megatron-LM's distillation): the names of the model attributes */
     if (st->StateManagerType == NULL ||
+        PyObject_SetAttrString((PyObject *)st->StateManagerType, "_state_key", st->s_state_key) < 0 ||
+        PyObject_SetAttrString((PyObject *)st->StateManagerType, "_state_version_key", st->s_version_key) < 0 ||
         PyModule_AddType(module, st->StateManagerType) < 0) {
         return -1;
     }

@@ -68,7 +68,7 @@ sft_xxh64(PyObject *module, PyObject *data)
 }
 
 PyDoc_STRVAR(sft_write_doc,
-"st_write(path, tensors, metadata, *, progress=None)\n--\n\n"
+"st_write($module, /, path, tensors, metadata, *, progress=None)\n--\n\n"
 "Write a safetensors-compatible file crash-safely: a temporary file in the same\n"
 "folder, fsync, rename over `path`, fsync of the folder.  `tensors` maps names to\n"
 "torch tensors (any device, any layout; stored C-contiguous; device tensors are\n"
@@ -79,8 +79,8 @@ PyDoc_STRVAR(sft_write_doc,
 "the temporary file is removed and `path` is left as it was.");
 
 PyDoc_STRVAR(sft_read_doc,
-"st_read(path, *, verify=False, _verify_if_present=False) -> (metadata, tensors)\n--\n\n"
-"Read a safetensors file: validate its header (CheckpointError \"<path>: <what>\" on any\n"
+"st_read($module, /, path, *, verify=False, _verify_if_present=False)\n--\n\n"
+"Returns (metadata, tensors).  Read a safetensors file: validate its header (CheckpointError \"<path>: <what>\" on any\n"
 "defect), map it copy-on-write and return the `__metadata__` dict and a dict of CPU\n"
 "tensors over the mapping (zero-copy; writes to them never reach the file), in\n"
 "header order.  The mapping lives until the last tensor over it is freed.\n"
@@ -90,14 +90,15 @@ PyDoc_STRVAR(sft_read_doc,
 "Every defect of the file raises modelopt_c.CheckpointError, a ValueError.");
 
 PyDoc_STRVAR(sft_read_header_doc,
-"st_read_header(path) -> (metadata, tensors, data_start)\n--\n\n"
-"Validate a safetensors file's header without mapping its data: the\n"
+"st_read_header($module, path, /)\n--\n\n"
+"Validate a safetensors file's header without mapping its data: returns\n"
+"(metadata, tensors, data_start): the\n"
 "`__metadata__` dict, a dict name -> (dtype, shape, begin, end) in header order\n"
 "(offsets relative to the data section), and the data section's file offset.");
 
 PyDoc_STRVAR(sft_xxh64_doc,
-"st_xxh64(data, /) -> int\n--\n\n"
-"The XXH64 (seed 0) of a bytes-like object: the checksum the format stores.");
+"st_xxh64($module, data, /)\n--\n\n"
+"The int XXH64 (seed 0) of a bytes-like object: the checksum the format stores.");
 
 PyMethodDef sft_methods[] = {
     {"st_write", (PyCFunction)(void (*)(void))sft_write, METH_VARARGS | METH_KEYWORDS, sft_write_doc},

@@ -3,23 +3,19 @@
  * configs stay Python objects; this file does the bookkeeping around them. */
 #include "state_manager.h"
 
+#include "args.h"
+
 #include <stdarg.h>
 #include <structmember.h>
 
 /* ---- finding the state in a module tree --------------------------------------- */
 
-/* Whether `module` has the state attribute: in its instance dict or on its class
- * (what hasattr() sees for an nn.Module), without raising AttributeErrors. */
+/* Whether `type` (its MRO's dicts: what hasattr() sees on the class) has the state
+ * attribute, without raising AttributeErrors. */
 static int
-module_has_state(ModuleState *st, PyObject *module, PyObject *dict)
+type_has_state(ModuleState *st, PyTypeObject *type)
 {
-    if (dict != NULL) {
-        int r = PyDict_Contains(dict, st->s_state_key);
-        if (r != 0) {
-            return r;
-        }
-    }
-    PyObject *mro = Py_TYPE(module)->tp_mro;
+    PyObject *mro = type->tp_mro;
     if (mro == NULL) {
         return 0;
     }
@@ -46,11 +42,88 @@ instance_dict(PyObject *obj)
     return dict;
 }
 
+/* The walk's bookkeeping, in C: tens of thousands of modules per call, so no Python set
+ * or list per step.  `seen` is an open-addressing set of module addresses (the walk holds
+ * a strong reference to every module on `stack`, and the tree holds the rest, so an
+ * address cannot be reused while the walk runs). */
+typedef struct {
+    PyObject **stack; /* strong references */
+    Py_ssize_t depth, stack_cap;
+    uintptr_t *seen; /* 0: empty slot */
+    size_t seen_mask, seen_used;
+} Walk;
+
+static int
+walk_push(Walk *w, PyObject *module)
+{
+    if (w->depth == w->stack_cap) {
+        Py_ssize_t cap = w->stack_cap ? w->stack_cap * 2 : 64;
+        PyObject **grown = PyMem_Realloc(w->stack, (size_t)cap * sizeof(PyObject *));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        w->stack = grown;
+        w->stack_cap = cap;
+    }
+    w->stack[w->depth++] = Py_NewRef(module);
+    return 0;
+}
+
+/* 1 when `module` is new to the walk (now recorded), 0 when seen before, -1 on error. */
+static int
+walk_first_visit(Walk *w, PyObject *module)
+{
+    if (2 * (w->seen_used + 1) > w->seen_mask + 1) { /* keep the load under 1/2 */
+        size_t size = w->seen_mask ? 2 * (w->seen_mask + 1) : 256;
+        uintptr_t *table = PyMem_Calloc(size, sizeof(uintptr_t));
+        if (table == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (size_t i = 0; w->seen != NULL && i <= w->seen_mask; i++) {
+            if (w->seen[i] != 0) {
+                size_t j = (size_t)((w->seen[i] >> 4) * 0x9E3779B97F4A7C15ull) & (size - 1);
+                while (table[j] != 0) {
+                    j = (j + 1) & (size - 1);
+                }
+                table[j] = w->seen[i];
+            }
+        }
+        PyMem_Free(w->seen);
+        w->seen = table;
+        w->seen_mask = size - 1;
+    }
+    uintptr_t key = (uintptr_t)module;
+    size_t j = (size_t)((key >> 4) * 0x9E3779B97F4A7C15ull) & w->seen_mask;
+    while (w->seen[j] != 0) {
+        if (w->seen[j] == key) {
+            return 0;
+        }
+        j = (j + 1) & w->seen_mask;
+    }
+    w->seen[j] = key;
+    w->seen_used++;
+    return 1;
+}
+
+static void
+walk_free(Walk *w)
+{
+    while (w->depth > 0) {
+        Py_DECREF(w->stack[--w->depth]);
+    }
+    PyMem_Free(w->stack);
+    PyMem_Free(w->seen);
+}
+
 int
 sm_is_converted(ModuleState *st, PyObject *model, int is_root)
 {
-    PyObject *seen = NULL, *stack = NULL, *module = NULL, *dict = NULL, *children = NULL;
-    int found = 0, root_has_state = 0, result = -1;
+    PyObject *module = NULL, *dict = NULL, *children = NULL;
+    PyTypeObject *last_type = NULL; /* consecutive modules mostly share a class */
+    int last_type_has = 0, found = 0, root_has_state = 0, result = -1;
+    Walk w = {0};
 
     int ok = PyObject_IsInstance(model, st->nn_Module);
     if (ok <= 0) {
@@ -62,22 +135,17 @@ sm_is_converted(ModuleState *st, PyObject *model, int is_root)
         }
         return -1;
     }
-    if ((seen = PySet_New(NULL)) == NULL || (stack = PyList_New(0)) == NULL ||
-        PyList_Append(stack, model) < 0) {
+    if (walk_push(&w, model) < 0) {
         goto done;
     }
     /* Depth-first walk of `_modules`, as named_modules() does (each module once). */
-    while (PyList_GET_SIZE(stack) > 0) {
-        Py_ssize_t last = PyList_GET_SIZE(stack) - 1;
-        module = Py_NewRef(PyList_GET_ITEM(stack, last));
-        if (PyList_SetSlice(stack, last, last + 1, NULL) < 0) {
-            goto done;
-        }
-        int dup = PySet_Contains(seen, module);
-        if (dup < 0 || (dup == 0 && PySet_Add(seen, module) < 0)) {
-            goto done;
-        }
-        if (dup) {
+    while (w.depth > 0) {
+        module = w.stack[--w.depth]; /* the stack's reference, now ours */
+        int first = walk_first_visit(&w, module);
+        if (first <= 0) {
+            if (first < 0) {
+                goto done;
+            }
             Py_CLEAR(module);
             continue;
         }
@@ -85,7 +153,16 @@ sm_is_converted(ModuleState *st, PyObject *model, int is_root)
         if (dict == NULL && PyErr_Occurred()) {
             goto done;
         }
-        int has = module_has_state(st, module, dict);
+        int has = dict != NULL ? PyDict_Contains(dict, st->s_state_key) : 0;
+        if (has == 0) {
+            if (Py_TYPE(module) != last_type) {
+                if ((last_type_has = type_has_state(st, Py_TYPE(module))) < 0) {
+                    goto done;
+                }
+                last_type = Py_TYPE(module);
+            }
+            has = last_type_has;
+        }
         if (has < 0) {
             goto done;
         }
@@ -103,7 +180,7 @@ sm_is_converted(ModuleState *st, PyObject *model, int is_root)
             Py_ssize_t pos = 0;
             PyObject *key, *child;
             while (PyDict_Next(children, &pos, &key, &child)) {
-                if (child != Py_None && PyList_Append(stack, child) < 0) {
+                if (child != Py_None && walk_push(&w, child) < 0) {
                     goto done;
                 }
             }
@@ -121,8 +198,7 @@ done:
     Py_XDECREF(children);
     Py_XDECREF(dict);
     Py_XDECREF(module);
-    Py_XDECREF(stack);
-    Py_XDECREF(seen);
+    walk_free(&w);
     return result;
 }
 
@@ -135,8 +211,10 @@ sm_alloc(ModuleState *st, PyTypeObject *type)
     return (StateManager *)type->tp_alloc(type, 0);
 }
 
+/* `walk`: check the tree (the root must be the one module with state); 0 only when the
+ * caller has just walked it and found no state anywhere, so the fresh root state is the one. */
 static int
-sm_init(ModuleState *st, StateManager *self, PyObject *model, int init_state)
+sm_init(ModuleState *st, StateManager *self, PyObject *model, int init_state, int walk)
 {
     PyObject *fake = NULL, *state = NULL, *version_list = NULL, *version = NULL;
     int result = -1;
@@ -176,7 +254,7 @@ sm_init(ModuleState *st, StateManager *self, PyObject *model, int init_state)
         Py_CLEAR(state);
         Py_CLEAR(version_list);
     }
-    int converted = sm_is_converted(st, model, 1);
+    int converted = walk || fake != NULL ? sm_is_converted(st, model, 1) : 1;
     if (converted < 0) {
         goto done;
     }
@@ -201,13 +279,41 @@ done:
 }
 
 StateManager *
+sm_new_fresh(ModuleState *st, PyObject *model)
+{
+    StateManager *self = sm_alloc(st, st->StateManagerType);
+    if (self != NULL && sm_init(st, self, model, 1, 0) < 0) {
+        Py_CLEAR(self);
+    }
+    return self;
+}
+
+StateManager *
+sm_of_root(ModuleState *st, PyObject *model)
+{
+    StateManager *self = NULL;
+    int falsy = PyObject_Not(model);
+    if (falsy != 0) { /* a falsy model gets a fresh module, as the constructor does */
+        return falsy < 0 ? NULL : sm_new(st, model, 0);
+    }
+    if ((self = sm_alloc(st, st->StateManagerType)) == NULL) {
+        return NULL;
+    }
+    if ((self->state = PyObject_GetAttr(model, st->s_state_key)) == NULL ||
+        (self->version = PyObject_GetAttr(model, st->s_version_key)) == NULL) {
+        Py_CLEAR(self);
+    }
+    return self;
+}
+
+StateManager *
 sm_new(ModuleState *st, PyObject *model, int init_state)
 {
     StateManager *self = sm_alloc(st, st->StateManagerType);
     if (self == NULL) {
         return NULL;
     }
-    if (sm_init(st, self, model, init_state) < 0) {
+    if (sm_init(st, self, model, init_state, 1) < 0) {
         Py_DECREF(self);
         return NULL;
     }
@@ -232,7 +338,7 @@ sm_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (self == NULL) {
         return NULL;
     }
-    if (sm_init(st, self, model == Py_None ? NULL : model, init_state) < 0) {
+    if (sm_init(st, self, model == Py_None ? NULL : model, init_state, 1) < 0) {
         Py_DECREF(self);
         return NULL;
     }
@@ -709,7 +815,7 @@ done:
 /* ---- Python methods --------------------------------------------------------------- */
 
 PyDoc_STRVAR(is_converted_doc,
-"is_converted(model, is_root=False) -> bool\n\n"
+"is_converted($cls, /, model, is_root=False)\n--\n\n"
 "Whether some module of `model` carries modelopt state.  Raises AssertionError when\n"
 "several modules do, or, with is_root=True, when the one that does is not the root.");
 
@@ -730,7 +836,7 @@ sm_py_is_converted(PyObject *cls, PyObject *args, PyObject *kwargs)
     return r < 0 ? NULL : PyBool_FromLong(r);
 }
 
-PyDoc_STRVAR(state_dict_doc, "state_dict() -> list\n\nThe state list itself (a reference, not a copy).");
+PyDoc_STRVAR(state_dict_doc, "state_dict($self, /)\n--\n\nThe state list itself (a reference, not a copy).");
 
 static PyObject *
 sm_py_state_dict(StateManager *self, PyObject *Py_UNUSED(ignored))
@@ -739,7 +845,7 @@ sm_py_state_dict(StateManager *self, PyObject *Py_UNUSED(ignored))
 }
 
 PyDoc_STRVAR(load_state_dict_doc,
-"load_state_dict(state_dict, version=None)\n\n"
+"load_state_dict($self, /, state_dict, version=None)\n--\n\n"
 "Load a list of (mode_name, {'config', 'metadata'}) entries into this empty manager:\n"
 "each entry is replayed through add_mode (configs validate, mode order is checked),\n"
 "then the state equals the given entries.  On error nothing is loaded.  Warns when\n"
@@ -761,7 +867,7 @@ sm_py_load_state_dict(StateManager *self, PyObject *args, PyObject *kwargs)
 }
 
 PyDoc_STRVAR(transfer_state_dict_doc,
-"transfer_state_dict(model_from, model_to)\n\n"
+"transfer_state_dict($cls, /, model_from, model_to)\n--\n\n"
 "Move the state (the same list object) from `model_from` to `model_to`, which must\n"
 "have none; afterwards `model_from` has none.");
 
@@ -781,7 +887,7 @@ sm_py_transfer_state_dict(PyObject *cls, PyObject *args, PyObject *kwargs)
 }
 
 PyDoc_STRVAR(has_state_for_mode_type_doc,
-"has_state_for_mode_type(mode_type, *, model=None, state=None) -> bool\n\n"
+"has_state_for_mode_type($cls, /, mode_type, *, model=None, state=None)\n--\n\n"
 "Whether the model's (or the given modelopt state's) modes include one of the\n"
 "registry named `mode_type` (e.g. 'quantization').  Give exactly one of model/state.");
 
@@ -839,12 +945,13 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(remove_state_doc, "remove_state(model)\n\nDelete the state attribute from `model`.");
+PyDoc_STRVAR(remove_state_doc, "remove_state($cls, /, model)\n--\n\nDelete the state attribute from `model`.");
 
 static PyObject *
-sm_py_remove_state(PyObject *cls, PyObject *model)
+sm_py_remove_state(PyObject *cls, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    ModuleState *st = module_state_from_type((PyTypeObject *)cls);
+    PyObject *model = args_one("remove_state", "model", args, nargs, kwnames);
+    ModuleState *st = model == NULL ? NULL : module_state_from_type((PyTypeObject *)cls);
     if (st == NULL || PyObject_DelAttr(model, st->s_state_key) < 0) {
         return NULL;
     }
@@ -852,8 +959,9 @@ sm_py_remove_state(PyObject *cls, PyObject *model)
 }
 
 PyDoc_STRVAR(modes_with_states_doc,
-"modes_with_states() -> iterator of (descriptor, config, metadata)\n\n"
-"Each recorded mode with its config rebuilt through the mode's config class.");
+"modes_with_states($self, /)\n--\n\n"
+"An iterator of (descriptor, config, metadata): each recorded mode with its config\n"
+"rebuilt through the mode's config class.");
 
 static PyObject *
 sm_py_modes_with_states(StateManager *self, PyObject *Py_UNUSED(ignored))
@@ -889,8 +997,8 @@ done:
 }
 
 PyDoc_STRVAR(get_config_class_doc,
-"get_config_class(mode, config) -> ModeloptBaseConfig\n\n"
-"The mode's config class built from the `config` dict (validated).");
+"get_config_class($cls, /, mode, config)\n--\n\n"
+"The mode's config class built from the `config` dict (validated): a ModeloptBaseConfig.");
 
 static PyObject *
 sm_py_get_config_class(PyObject *cls, PyObject *args, PyObject *kwargs)
@@ -908,15 +1016,16 @@ sm_py_get_config_class(PyObject *cls, PyObject *args, PyObject *kwargs)
 }
 
 PyDoc_STRVAR(check_mode_doc,
-"check_mode(mode)\n\n"
+"check_mode($self, /, mode)\n--\n\n"
 "Raise AssertionError when `mode` may not come next: the export stack, and the\n"
 "next_modes / next_prohibited_modes of the last mode and of the last mode waiting\n"
 "for its export.");
 
 static PyObject *
-sm_py_check_mode(StateManager *self, PyObject *mode)
+sm_py_check_mode(StateManager *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    PyObject *mode = args_one("check_mode", "mode", args, nargs, kwnames);
+    ModuleState *st = mode == NULL ? NULL : module_state_from_type(Py_TYPE(self));
     if (st == NULL || sm_check_mode(st, self, mode) < 0) {
         return NULL;
     }
@@ -924,7 +1033,7 @@ sm_py_check_mode(StateManager *self, PyObject *mode)
 }
 
 PyDoc_STRVAR(add_mode_doc,
-"add_mode(mode, config, metadata)\n\n"
+"add_mode($self, /, mode, config, metadata)\n--\n\n"
 "check_mode, then append (name, {'config': config.model_dump(), 'metadata': metadata}).");
 
 static PyObject *
@@ -943,13 +1052,14 @@ sm_py_add_mode(StateManager *self, PyObject *args, PyObject *kwargs)
 }
 
 PyDoc_STRVAR(update_new_doc,
-"update_last_state_before_new_mode(model)\n\n"
+"update_last_state_before_new_mode($self, /, model)\n--\n\n"
 "Run the last mode's update_for_new_mode(model, config, metadata) and store the config back.");
 
 static PyObject *
-sm_py_update_before_new_mode(StateManager *self, PyObject *model)
+sm_py_update_before_new_mode(StateManager *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    PyObject *model = args_one("update_last_state_before_new_mode", "model", args, nargs, kwnames);
+    ModuleState *st = model == NULL ? NULL : module_state_from_type(Py_TYPE(self));
     if (st == NULL || sm_update_last(st, self, model, st->s_update_for_new_mode) < 0) {
         return NULL;
     }
@@ -957,13 +1067,14 @@ sm_py_update_before_new_mode(StateManager *self, PyObject *model)
 }
 
 PyDoc_STRVAR(update_save_doc,
-"update_last_state_before_save(model)\n\n"
+"update_last_state_before_save($self, /, model)\n--\n\n"
 "Run the last mode's update_for_save(model, config, metadata) and store the config back.");
 
 static PyObject *
-sm_py_update_before_save(StateManager *self, PyObject *model)
+sm_py_update_before_save(StateManager *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    ModuleState *st = module_state_from_type(Py_TYPE(self));
+    PyObject *model = args_one("update_last_state_before_save", "model", args, nargs, kwnames);
+    ModuleState *st = model == NULL ? NULL : module_state_from_type(Py_TYPE(self));
     if (st == NULL || sm_update_last(st, self, model, st->s_update_for_save) < 0) {
         return NULL;
     }
@@ -1189,14 +1300,17 @@ static PyMethodDef sm_methods[] = {
      METH_VARARGS | METH_KEYWORDS | METH_CLASS, transfer_state_dict_doc},
     {"has_state_for_mode_type", (PyCFunction)(void (*)(void))sm_py_has_state_for_mode_type,
      METH_VARARGS | METH_KEYWORDS | METH_CLASS, has_state_for_mode_type_doc},
-    {"remove_state", (PyCFunction)sm_py_remove_state, METH_O | METH_CLASS, remove_state_doc},
+    {"remove_state", (PyCFunction)(void (*)(void))sm_py_remove_state, METH_FASTCALL | METH_KEYWORDS | METH_CLASS,
+     remove_state_doc},
     {"modes_with_states", (PyCFunction)sm_py_modes_with_states, METH_NOARGS, modes_with_states_doc},
     {"get_config_class", (PyCFunction)(void (*)(void))sm_py_get_config_class,
      METH_VARARGS | METH_KEYWORDS | METH_CLASS, get_config_class_doc},
-    {"check_mode", (PyCFunction)sm_py_check_mode, METH_O, check_mode_doc},
+    {"check_mode", (PyCFunction)(void (*)(void))sm_py_check_mode, METH_FASTCALL | METH_KEYWORDS, check_mode_doc},
     {"add_mode", (PyCFunction)(void (*)(void))sm_py_add_mode, METH_VARARGS | METH_KEYWORDS, add_mode_doc},
-    {"update_last_state_before_new_mode", (PyCFunction)sm_py_update_before_new_mode, METH_O, update_new_doc},
-    {"update_last_state_before_save", (PyCFunction)sm_py_update_before_save, METH_O, update_save_doc},
+    {"update_last_state_before_new_mode", (PyCFunction)(void (*)(void))sm_py_update_before_new_mode,
+     METH_FASTCALL | METH_KEYWORDS, update_new_doc},
+    {"update_last_state_before_save", (PyCFunction)(void (*)(void))sm_py_update_before_save,
+     METH_FASTCALL | METH_KEYWORDS, update_save_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1220,7 +1334,7 @@ static PyMemberDef sm_members[] = {
 };
 
 PyDoc_STRVAR(sm_doc,
-"ModeloptStateManager(model=None, init_state=False)\n\n"
+"ModeloptStateManager(model=None, init_state=False)\n--\n\n"
 "The record of the modes applied to a model, kept on the model's root module as\n"
 "`_modelopt_state` (a list of (mode_name, {'config', 'metadata'})) and\n"
 "`_modelopt_state_version`.  The manager holds references to those lists, so what\n"

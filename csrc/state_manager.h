@@ -19,6 +19,14 @@ int sm_is_converted(ModuleState *st, PyObject *model, int is_root);
 /* A new manager over `model` (NULL or falsy: a fresh module), as SPEC §5's constructor. */
 StateManager *sm_new(ModuleState *st, PyObject *model, int init_state);
 
+/* A new manager over `model`, whose root is known to carry the state: sm_is_converted(st,
+ * model, 1) returned 1 just before (one walk of the tree instead of two). */
+StateManager *sm_of_root(ModuleState *st, PyObject *model);
+
+/* sm_new(st, model, 1) for a model whose tree was just walked and holds no state: the
+ * fresh root state needs no second walk. */
+StateManager *sm_new_fresh(ModuleState *st, PyObject *model);
+
 /* New reference to the descriptor registered as `mode` anywhere. */
 PyObject *sm_descriptor(ModuleState *st, PyObject *mode);
 

@@ -22,6 +22,7 @@ from ._runtime import MODELOPT_STATE_VERSION
 from .checkpoint import CheckpointError, load_modelopt_state, restore, restore_from_modelopt_state, save
 from .codec import dumps_state, loads_state
 from .config import ModeloptBaseConfig, ModeloptField
+from .dropin import install, is_installed, uninstall
 from .hf import enable_huggingface_checkpointing
 from .mode import ModeDescriptor, _ModeDescriptor, _ModeRegistryCls, get_mode_config
 from .model_like import ModelLikeModule
@@ -57,6 +58,8 @@ __all__ = [
     "enable_huggingface_checkpointing",
     "get_mode",
     "get_mode_config",
+    "install",
+    "is_installed",
     "load_extra",
     "load_modelopt_state",
     "loads_state",
@@ -64,4 +67,5 @@ __all__ = [
     "restore",
     "restore_from_modelopt_state",
     "save",
+    "uninstall",
 ]

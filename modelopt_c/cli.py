@@ -389,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run benchmarks/run.py with the remaining arguments", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("run", help="run a script with nvidia-modelopt's conversion layer on modelopt_c "
+                       "(run [--force] script.py|-m module|-c code [args...])", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -397,6 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     out, err = sys.stdout, sys.stderr
+    if argv and argv[0] == "run":
+        # the drop-in switch, then the user's script with its own arguments (modelopt_c.dropin)
+        from .dropin import run
+
+        return run(argv[1:])
     if argv and argv[0] in ("demo", "bench"):
         # Everything after the command belongs to the delegate, options included.
         handler = _cmd_demo if argv[0] == "demo" else _cmd_bench

@@ -15,6 +15,8 @@ from pydantic_core import PydanticUndefined
 
 __all__ = ["ModeloptBaseConfig", "ModeloptField"]
 
+ConfigDict = dict[str, Any]  # one mode's config, as stored in the modelopt state
+
 
 def ModeloptField(default: Any = PydanticUndefined, **kwargs: Any) -> Any:  # noqa: N802
     """A ``pydantic.Field`` that insists on a default value.

@@ -15,7 +15,31 @@ import sys
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["find_modes", "has_mode", "installed_version", "mode_names", "model_like_class_for", "registry_by_name"]
+__all__ = ["NVIDIA_MODES", "find_modes", "has_mode", "installed_version", "mode_names", "model_like_class_for", "registry_by_name"]
+
+# nvidia-modelopt 0.47.0's modes, each with the package whose import registers it: a state
+# naming one imports that package only; a name not here imports nothing (a typo costs no
+# seconds of imports).  For other nvidia-modelopt versions every package below is tried.
+NVIDIA_MODES = {
+    **dict.fromkeys(
+        (
+            "quantize", "real_quantize", "quantize_export", "auto_quantize", "_no_calibrate", "max_calibrate",
+            "mse_calibrate", "local_hessian_calibrate", "lsq_calibrate", "smoothquant_calibrate",
+            "awq_lite_calibrate", "awq_clip_calibrate", "awq_full_calibrate", "gptq_calibrate",
+            "svdquant_calibrate", "nvfp4_act_headroom_calibrate",
+        ),
+        "modelopt.torch.quantization",
+    ),
+    **dict.fromkeys(("sparse_magnitude", "sparsegpt", "export_sparse", "sparse_attention"), "modelopt.torch.sparsity"),
+    **dict.fromkeys(("autonas", "export_nas"), "modelopt.torch.nas"),
+    "fastnas": "modelopt.torch.prune",
+    "mcore_minitron": "modelopt.torch.prune.plugins.mcore_minitron",
+    "puzzletron": "modelopt.torch.puzzletron.puzzletron_nas_plugin",
+    **dict.fromkeys(("kd_loss", "layerwise_kd", "export_student"), "modelopt.torch.distill"),
+    **dict.fromkeys(("medusa", "eagle", "dflash"), "modelopt.torch.speculative"),
+    **dict.fromkeys(("peft", "export_peft"), "modelopt.torch.peft"),
+}
+_NVIDIA_MODES_VERSION = "0.47.0"
 
 # Packages of nvidia-modelopt whose import registers modes, tried on a miss.
 _MODE_PACKAGES = (
@@ -29,8 +53,15 @@ _MODE_PACKAGES = (
 )
 
 
+def _nvidia_module(name: str) -> Any | None:
+    """nvidia-modelopt's loaded module ``name``; None when not loaded, or when the name is
+    modelopt_c's stand-in (``dropin``: ``modelopt.torch.opt`` without nvidia-modelopt)."""
+    mod = sys.modules.get(name)
+    return mod if mod is not None and getattr(mod, "__name__", None) == name else None
+
+
 def _registries() -> list[Any]:
-    mod = sys.modules.get("modelopt.torch.opt.mode")
+    mod = _nvidia_module("modelopt.torch.opt.mode")
     return list(mod._ModeRegistryCls._all_registries) if mod is not None else []
 
 
@@ -43,12 +74,20 @@ def installed_version() -> str | None:
         return None
 
 
-def _import_mode_packages() -> bool:
-    """Import nvidia-modelopt's mode packages; whether any new one loaded."""
-    if installed_version() is None:
+def _import_mode_packages(mode: str) -> bool:
+    """Import the nvidia-modelopt package that registers ``mode`` (every mode package for a
+    version other than the one NVIDIA_MODES lists); whether any new one loaded."""
+    version = installed_version()
+    if version is None:
         return False
+    if version == _NVIDIA_MODES_VERSION:
+        if mode not in NVIDIA_MODES:
+            return False
+        packages: tuple[str, ...] = (NVIDIA_MODES[mode],)
+    else:
+        packages = _MODE_PACKAGES
     loaded = False
-    for name in _MODE_PACKAGES:
+    for name in packages:
         if name in sys.modules or importlib.util.find_spec(name.rsplit(".", 1)[0]) is None:
             continue
         try:
@@ -66,7 +105,7 @@ def _lookup(name: str) -> list[Any]:
 def find_modes(name: str) -> list[Any]:
     """Descriptors registered as ``name`` in nvidia-modelopt (importing its modes on a miss)."""
     found = _lookup(name)
-    if not found and _import_mode_packages():
+    if not found and _import_mode_packages(name):
         found = _lookup(name)
     return found
 
@@ -97,5 +136,5 @@ def model_like_class_for(descriptor: Any) -> type | None:
     """
     if not type(descriptor).__module__.startswith("modelopt."):
         return None
-    conversion = sys.modules.get("modelopt.torch.opt.conversion")
+    conversion = _nvidia_module("modelopt.torch.opt.conversion")
     return getattr(conversion, "ModelLikeModule", None)

@@ -6,6 +6,7 @@ through ``_ModeRegistryCls.get_from_any`` (see ``_runtime``).
 
 from __future__ import annotations
 
+import difflib
 import sys
 import warnings
 import weakref
@@ -22,6 +23,8 @@ __all__ = ["ModeDescriptor", "_ModeDescriptor", "_ModeRegistryCls", "get_mode_co
 MetadataDict = dict[str, Any]
 ConfigDict = dict[str, Any]
 ModeConfigList = list[tuple[str, ConfigDict]]
+ModeState = dict[str, Any]  # {"config": ConfigDict, "metadata": MetadataDict}, one mode's entry
+ConvertReturnType = tuple[nn.Module, MetadataDict]
 ConvertEntrypoint = Callable[..., tuple[nn.Module, MetadataDict]]
 RestoreEntrypoint = Callable[[nn.Module, ModeloptBaseConfig, MetadataDict], nn.Module]
 UpdateEntrypoint = Callable[[nn.Module, ModeloptBaseConfig, MetadataDict], None]
@@ -147,6 +150,8 @@ class ModeDescriptor(ABC):
 
 _ModeDescriptor = ModeDescriptor
 ModeType = ModeDescriptor | str
+ModeLike = ModeType | list[ModeType] | ModeConfigList
+ModeKwargsType = dict[str, Any] | list[dict[str, Any]]
 T = TypeVar("T", bound=ModeDescriptor)
 
 
@@ -297,10 +302,8 @@ class _ModeRegistryCls:
             found = interop.find_modes(name)
         if not found:
             known = sorted({n for r in cls._all() for n in r._name2descriptor} | set(interop.mode_names()))
-            raise KeyError(
-                f"Mode {mode} not found in any registry. Registered modes: {known}. "
-                "Import the package that defines the mode before applying or restoring it."
-            )
+            raise KeyError(f"Mode {mode} not found in any registry.{_unknown_mode_hint(name, known)} Registered "
+                           f"modes: {known}. Import the package that defines the mode before applying or restoring it.")
         assert all(found[0] == d for d in found), f"Mode {mode} is ambiguous."
         return found[0]
 
@@ -340,6 +343,16 @@ def _replacement(old: ModeDescriptor, new_cls: type, replace: bool) -> str | Non
     if _interactive():
         return "from an interactive session"
     return None
+
+
+def _unknown_mode_hint(name: str, known: list[str]) -> str:
+    """What to do about a mode no registry has: install nvidia-modelopt, or the likely typo."""
+    from . import interop
+
+    if name in interop.NVIDIA_MODES and interop.installed_version() is None:
+        return f" mode {name!r} comes from nvidia-modelopt: pip install nvidia-modelopt."
+    close = difflib.get_close_matches(name, sorted(set(known) | set(interop.NVIDIA_MODES)), n=3, cutoff=0.7)
+    return f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 
 def _is_pair(value: Any) -> bool:

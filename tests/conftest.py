@@ -17,11 +17,18 @@ _REGISTERED = register(facade("modelopt_c"))
 # everything in one run).
 
 
+# The `slow` marker: real user scripts in fresh interpreters that import all of
+# nvidia-modelopt (tests/test_dropin_scripts.py; about a minute): skipped by default, run by
+# CI (`-m slow`, or `--run-slow`).
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-isolated", action="store_true", default=False,
                      help="also run the leak loops of tests/isolated/ (each in its own interpreter)")
     parser.addoption("--run-distributed", action="store_true", default=False,
                      help="also run the spawned gloo process groups of tests/test_distributed.py")
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the slow tests (real scripts in fresh interpreters, marker `slow`)")
 
 
 def pytest_configure(config):
@@ -41,8 +48,8 @@ def pytest_collection_modifyitems(config, items):
         ("isolated", config.getoption("--run-isolated"), "leak loop: run with -m isolated or --run-isolated"),
         ("distributed", config.getoption("--run-distributed"),
          "spawned process group: run with -m distributed or --run-distributed"),
-        ("slow", config.getoption("--run-isolated"), "slow check (mypy, the executed notebook, the SIGKILL "
-         "resume, real scripts): run with -m slow"),
+        ("slow", config.getoption("--run-slow") or config.getoption("--run-isolated"), "slow check (mypy, the executed notebook, the SIGKILL "
+         "resume, real scripts): run with -m slow or --run-slow"),
     ):
         if selected or marker in markexpr:
             continue

@@ -247,7 +247,9 @@ def test_manager_is_a_gc_tracked_heap_type():
     sm = SM()
     assert gc.is_tracked(sm)
     assert type(sm).__module__ == "modelopt_c"
-    assert "ModeloptStateManager(model=None, init_state=False)" in SM.__doc__
+    # the signature line became the type's __text_signature__ (inspect.signature, help())
+    assert SM.__text_signature__ == "(model=None, init_state=False)"
+    assert SM.__doc__.startswith("The record of the modes applied to a model")
 
 
 def test_tinynet_is_not_converted_by_default():
