@@ -21,6 +21,8 @@ class CheckpointError(ValueError, RuntimeError): ...
 class StateDecodeError(ValueError): ...
 
 class ModeloptStateManager:
+    _state_key: ClassVar[str]
+    _state_version_key: ClassVar[str]
     _state: list[tuple[str, dict[str, Any]]]
     _state_version: list[str]
     _repr_html_: ClassVar[Callable[[ModeloptStateManager], str]]
