@@ -245,6 +245,23 @@ _GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+def _torch_allows(module: str, name: str) -> bool:
+    """Whether torch's own weights_only loader allows this global (slice: modelopt_c allows it).
+
+    The fast path must never accept a file that torch.load would refuse, on whichever
+    torch is installed (older releases allow fewer globals, e.g. no ``set`` before 2.6).
+    """
+    if module == "__builtin__":
+        module = "builtins"
+    if (module, name) == ("builtins", "slice"):
+        return True
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+    except ImportError:  # a torch without it: only what every weights_only loader has had
+        return (module, name) in {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2")}
+    return f"{module}.{name}" in _get_allowed_globals()
+
+
 class _Unpickler(pickle.Unpickler):
     """CPython's C unpickler, able to name only the globals above, storages and dtypes."""
 
@@ -253,6 +270,8 @@ class _Unpickler(pickle.Unpickler):
         self.storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        if not _torch_allows(module, name):
+            raise _Unsupported(f"global {module}.{name}")
         found = _GLOBALS.get((module, name))
         if found is not None:
             return found
