@@ -705,7 +705,8 @@ def test_dtensor_is_a_clear_error():
     assert out.returncode == 0, out.stderr[-3000:]
     want = ("TypeError: cannot encode a DTensor (a sharded tensor, e.g. from FSDP2 or tensor parallelism): "
             "gather it with full_tensor() first; sharded state is not supported yet at layer['weight']")
-    assert out.stdout.splitlines() == [want, want, "tensor([0., 1., 2., 3., 4., 5., 6., 7.])"], out.stdout
+    lines = [ln for ln in out.stdout.splitlines() if not ln.startswith("[Gloo]")]  # torch < 2.13 logs to stdout
+    assert lines == [want, want, "tensor([0., 1., 2., 3., 4., 5., 6., 7.])"], out.stdout
 
 
 def test_conj_and_neg_bits_round_trip_with_their_values():

@@ -210,12 +210,23 @@ def test_generator_is_deterministic(damaged, tmp_path):
         assert (tmp_path / f"{name}.pt").read_bytes() == (damaged / f"{name}.pt").read_bytes(), name
 
 
+# The table was made with the pinned torch (run.sh). Another release's unpickler may call
+# a damaged pickle a refusal where 2.13 calls it damage, or the other way round (2.9: a
+# TypeError inside the unpickler): there, only "loads" against "raises" must agree.
+PINNED_TORCH = torch.__version__.split("+")[0] == "2.13.0"
+
+
+def _same_outcome(expected: str, got: str) -> bool:
+    errors = ("CheckpointError", "UnpicklingError")
+    return got == expected or (not PINNED_TORCH and expected in errors and got in errors)
+
+
 def test_every_damaged_file_loads_as_the_table_says(damaged):
     table = expected_table()
     wrong = {}
     for name, (load, _) in table.items():
         got = classify_load(damaged / name)
-        if got != load:
+        if not _same_outcome(load, got):
             wrong[name] = (load, got)
     assert wrong == {}
 
@@ -240,12 +251,12 @@ def test_damaged_files_through_restore_and_load_modelopt_state(damaged):
         path = damaged / name
         model = nn.Linear(4, 4)
         before = model.weight.clone()
-        kind = checkpoint.CheckpointRefused if load == "UnpicklingError" else mto.CheckpointError
+        kind = checkpoint.CheckpointRefused if load == "UnpicklingError" and PINNED_TORCH else mto.CheckpointError
         with pytest.raises(kind) as info:
             mto.restore(model, path)
         assert str(path) in str(info.value)
         assert torch.equal(model.weight, before)
-        if load == "CheckpointError":
+        if load == "CheckpointError" and PINNED_TORCH:
             assert not isinstance(info.value, pickle.UnpicklingError)
 
 
