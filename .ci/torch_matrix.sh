@@ -13,7 +13,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
-versions=${TORCH_VERSIONS:-"2.5.1 2.14.1"}
+versions=${TORCH_VERSIONS:-"2.9.1 2.14.1"}
 work=$(mktemp -d "${TMPDIR:-/tmp}/modelopt_c-matrix.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
