@@ -19,6 +19,7 @@ import torch as _torch  # noqa: F401  (the native module links against libtorch)
 
 from ._conversion import ApplyModeError, ModeloptStateManager, StateDecodeError, apply_mode, get_mode, modelopt_state
 from ._runtime import MODELOPT_STATE_VERSION
+from .background import SaveHandle, async_save, wait_for_saves
 from .checkpoint import CheckpointError, load_modelopt_state, restore, restore_from_modelopt_state, save
 from .codec import dumps_state, loads_state
 from .config import ModeloptBaseConfig, ModeloptField
@@ -47,12 +48,14 @@ __all__ = [
     "ModeloptBaseConfig",
     "ModeloptField",
     "ModeloptStateManager",
+    "SaveHandle",
     "StateDecodeError",
     "Summary",
     "_ModeDescriptor",
     "_ModeRegistryCls",
     "__version__",
     "apply_mode",
+    "async_save",
     "describe",
     "dumps_state",
     "enable_huggingface_checkpointing",
@@ -68,4 +71,5 @@ __all__ = [
     "restore_from_modelopt_state",
     "save",
     "uninstall",
+    "wait_for_saves",
 ]

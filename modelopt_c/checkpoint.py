@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import stat
+import sys
 from typing import Any, BinaryIO, Union
 
 import torch
@@ -483,6 +484,8 @@ def save(model: nn.Module, f: FileLike, *, format: str | None = None, **kwargs: 
     (modelopt_c.periodic).  ``keep_last=N``: after the save, remove the oldest files
     of ``f``'s numbered series (``ckpt-<step>.pt``) beyond the newest N.
     """
+    if "modelopt_c.background" in sys.modules:  # one save at a time: a background one finishes first
+        sys.modules["modelopt_c.background"].wait_for_saves()
     rank = kwargs.pop("rank", None)
     if distributed.wants_save(model, f, format, rank):
         return distributed.save(model, f, format=format, rank=rank, kwargs=kwargs)
@@ -494,10 +497,26 @@ def save(model: nn.Module, f: FileLike, *, format: str | None = None, **kwargs: 
             raise TypeError("keep_last needs a file path (a numbered series of files in one folder).")
         checkpoint_series(f)  # a name without a number fails before anything is written
     model = _runtime.unwrap(model, "warn")
-    state = _conversion.modelopt_state(model)
-    weights = model.state_dict()
-    if checkpoint_format(f, format) == "safetensors":
-        _save_safetensors(f, weights, state, kwargs, _runtime.non_persistent_buffers(model), progress, extra)
+    fmt = checkpoint_format(f, format)
+    buffers = _runtime.non_persistent_buffers(model) if fmt == "safetensors" else None
+    write_checkpoint(f, fmt, _conversion.modelopt_state(model), model.state_dict(), buffers, kwargs, progress, extra,
+                     keep_last)
+
+
+def write_checkpoint(
+    f: FileLike,
+    fmt: str,
+    state: dict,
+    weights: dict,
+    buffers: Any,
+    kwargs: dict,
+    progress: Any = None,
+    extra: Any = None,
+    keep_last: Any = None,
+) -> None:
+    """The file half of ``save`` (also run in the background by ``async_save``)."""
+    if fmt == "safetensors":
+        _save_safetensors(f, weights, state, kwargs, buffers, progress, extra)
     else:
         from .periodic import torch_checkpoint
 
