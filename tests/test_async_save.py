@@ -136,3 +136,23 @@ def test_a_kill_during_the_background_write_leaves_the_previous_file(tmp_path):
     assert proc.returncode == -9, proc.stderr[-2000:]
     back = restored(path)
     assert all(torch.equal(p, torch.full_like(p, 2.0)) for p in back.parameters())
+
+
+def test_the_next_save_copies_into_the_last_ones_buffers(tmp_path):
+    model = model_with(1.0)
+    mto.async_save(model, tmp_path / "a.pt").result()
+    kept = {b.data_ptr() for free in background._pool.values() for b in free}
+    assert len(kept) == len(model.state_dict())  # one buffer per storage
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(3.0)
+    copies: dict = {}
+    snap = background._snapshot(model.state_dict(), copies)  # takes the kept buffers
+    assert {t.untyped_storage().data_ptr() for t in snap.values()} == kept
+    assert all(torch.equal(t, torch.full_like(t, 3.0)) for t in snap.values())
+    background._keep(list(copies.values()))  # give them back, as a finished save does
+    mto.async_save(model, tmp_path / "b.pt").result()
+    assert all(torch.equal(p, torch.full_like(p, 3.0)) for p in restored(tmp_path / "b.pt").parameters())
+    assert all(torch.equal(p, torch.full_like(p, 1.0)) for p in restored(tmp_path / "a.pt").parameters())
+    mto.wait_for_saves(release=True)
+    assert background._pool == {}
