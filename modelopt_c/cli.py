@@ -21,12 +21,12 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 from . import distributed, st_format
 from .checkpoint import (
     CheckpointError,
+    _save_torch_progress,
     load_checkpoint as _load,
     open_regular_file,
-    save_torch_file,
 )
 from .periodic import load_extra, torch_checkpoint
-from .progress import reporting, watch_file
+from .progress import reporting
 from .summary import (  # the inspect report is the library's (describe() shows the same)
     KIND_DCP,
     KIND_OURS,
@@ -270,17 +270,8 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             elif target == "safetensors":
                 st_format.save_file(args.out, state_dict, state, progress=hook, extra=extra)
             else:
-                ckpt = torch_checkpoint(state, state_dict, extra)
-                if hook is None:
-                    save_torch_file(args.out, ckpt)
-                else:
-                    total = sum(t.numel() * t.element_size() for t in state_dict.values() if hasattr(t, "element_size"))
-                    watcher, ok = watch_file(hook, total), False
-                    try:
-                        save_torch_file(args.out, ckpt, _started=watcher.started)
-                        ok = True
-                    finally:
-                        watcher.finish(args.out, ok)
+                # save's own torch-format writer, the temp file watched for the hook (False: no output)
+                _save_torch_progress(args.out, torch_checkpoint(state, state_dict, extra), {}, hook or False)
     except (OSError, ValueError, TypeError, RuntimeError) as exc:
         return _fail(args.out, f"writing failed: {exc}", err)
     print(f"converted {args.input} ({kind}) -> {args.out} ({target})", file=out)

@@ -62,7 +62,7 @@ def _zip_index(buf: mmap.mmap) -> dict[str, tuple[int, int, int]]:
     _, disk, cd_disk, _, count, cd_size, cd_off, _ = _EOCD.unpack_from(buf, at)
     if disk or cd_disk:
         raise _Unsupported("multi-disk archive")
-    if 0xFFFF in (count,) or 0xFFFFFFFF in (cd_size, cd_off):
+    if count == 0xFFFF or 0xFFFFFFFF in (cd_size, cd_off):
         loc = at - _EOCD64_LOC.size
         if loc < 0 or buf[loc : loc + 4] != b"PK\x06\x07":
             raise _Unsupported("zip64 locator missing")
