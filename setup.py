@@ -124,6 +124,8 @@ ext = Extension(
     libraries=["c10", "torch_cpu", "stdc++"],
     extra_link_args=msgpack_ldirs
     + ["-Wl,-Bstatic", "-lmsgpackc", "-Wl,-Bdynamic", "-Wl,--exclude-libs,ALL"]
+    # zlib's crc32 (stream_sink.c), from the runtime library every Linux has: no headers needed
+    + ["-l:libz.so.1"]
     + SAN,
 )
 

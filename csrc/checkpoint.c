@@ -67,12 +67,12 @@ write_failure_errno(int fd)
     return 0;
 }
 
-/* torch.save(obj, path, **kwargs) so that `path` is replaced atomically.  `started`
- * (borrowed; NULL: none) is called with the temp file's path before torch.save runs:
- * torch.save writes with the GIL released, so a Python thread can watch the file grow
- * (progress) at no cost to the writer. */
+/* writer(obj, tmp, **kwargs) so that `path` is replaced atomically: torch.save, or
+ * the caller's own writer of the same file.  `started` (borrowed; NULL: none) is
+ * called with the temp file's path before the writer runs: writers write with the GIL
+ * released, so a Python thread can watch the file grow (progress) at no cost to them. */
 static PyObject *
-save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObject *kwargs, PyObject *started)
+save_torch_atomic(PyObject *writer, PyObject *path_obj, PyObject *obj, PyObject *kwargs, PyObject *started)
 {
     PyObject *encoded = NULL, *tmp_obj = NULL, *args = NULL, *res = NULL, *result = NULL;
     AtomicFile af = {.fd = -1};
@@ -85,7 +85,7 @@ save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObje
     r = atomic_file_open(&af, PyBytes_AS_STRING(encoded));
     err = errno;
     if (r == 0) {
-        atomic_file_start_writeback(&af); /* disk writes overlap torch.save's work */
+        atomic_file_start_writeback(&af); /* disk writes overlap the writer's work */
     }
     Py_END_ALLOW_THREADS
     if (r < 0) {
@@ -99,7 +99,7 @@ save_torch_atomic(CheckpointState *cs, PyObject *path_obj, PyObject *obj, PyObje
         goto done; /* the temp file is removed by atomic_file_close */
     }
     Py_CLEAR(res);
-    if ((res = PyObject_Call(cs->torch_save, args, kwargs)) == NULL) {
+    if ((res = PyObject_Call(writer, args, kwargs)) == NULL) {
         if (PyErr_ExceptionMatches(PyExc_RuntimeError) || PyErr_ExceptionMatches(PyExc_OSError)) {
             if ((err = write_failure_errno(af.fd)) != 0) {
                 raise_write_error(err, path_obj);
@@ -125,36 +125,62 @@ done:
     return result;
 }
 
-/* torch.save(obj, path, **kwargs) through the crash-safe writer (save, the CLI's convert);
- * kwargs' "_started" (ours, not torch.save's) is save_torch_atomic's `started`. */
+/* Take our private option `name` out of `*rest` (a copy of the caller's kwargs, made
+ * on first need): *value gets a new reference, or NULL when absent or None.  -1 with
+ * TypeError when it is there but not callable. */
+static int
+pop_callable(PyObject *kwargs, PyObject **rest, const char *name, PyObject **value)
+{
+    PyObject *key = NULL, *found = NULL;
+    int result = -1;
+    *value = NULL;
+    if ((key = PyUnicode_FromString(name)) == NULL) {
+        goto done;
+    }
+    if (kwargs == NULL || PyDict_GetItemRef(kwargs, key, &found) == 0) {
+        result = 0;
+        goto done;
+    }
+    if (found == NULL) {
+        goto done;
+    }
+    if (*rest == NULL && (*rest = PyDict_Copy(kwargs)) == NULL) {
+        goto done;
+    }
+    if (PyDict_DelItem(*rest, key) < 0) {
+        goto done;
+    }
+    if (found != Py_None && !PyCallable_Check(found)) {
+        PyErr_Format(PyExc_TypeError, "_save_torch_file: %s must be callable or None, not %.200s", name,
+                     Py_TYPE(found)->tp_name);
+        goto done;
+    }
+    *value = found == Py_None ? NULL : Py_NewRef(found);
+    result = 0;
+done:
+    Py_XDECREF(key);
+    Py_XDECREF(found);
+    return result;
+}
+
+/* torch.save(obj, path, **kwargs) through the crash-safe writer (save, the CLI's convert).
+ * Two options of ours, not torch.save's, come out of kwargs (the caller's dict is left
+ * as it is): "_started" is save_torch_atomic's `started`, "_writer" a
+ * writer(obj, tmp_path) used instead of torch.save. */
 PyObject *
 ckpt_save_torch_file(ModuleState *st, PyObject *path, PyObject *obj, PyObject *kwargs)
 {
-    PyObject *fspath = NULL, *key = NULL, *started = NULL, *rest = NULL, *result = NULL;
-    if ((fspath = PyOS_FSPath(path)) == NULL || (key = PyUnicode_FromString("_started")) == NULL) {
+    PyObject *fspath = NULL, *started = NULL, *writer = NULL, *rest = NULL, *result = NULL;
+    if ((fspath = PyOS_FSPath(path)) == NULL || pop_callable(kwargs, &rest, "_started", &started) < 0 ||
+        pop_callable(kwargs, &rest, "_writer", &writer) < 0) {
         goto done;
     }
-    if (kwargs != NULL && PyDict_GetItemRef(kwargs, key, &started) < 0) {
-        goto done;
-    }
-    if (started != NULL) { /* torch.save gets the others, the caller's dict unchanged */
-        if ((rest = PyDict_Copy(kwargs)) == NULL || PyDict_DelItem(rest, key) < 0) {
-            goto done;
-        }
-        if (started == Py_None) {
-            Py_CLEAR(started);
-        }
-        else if (!PyCallable_Check(started)) {
-            PyErr_Format(PyExc_TypeError, "_save_torch_file: _started must be callable or None, not %.200s",
-                         Py_TYPE(started)->tp_name);
-            goto done;
-        }
-    }
-    result = save_torch_atomic(&st->ckpt, fspath, obj, rest != NULL ? rest : kwargs, started);
+    result = save_torch_atomic(writer != NULL ? writer : st->ckpt.torch_save, fspath, obj,
+                               rest != NULL ? rest : kwargs, started);
 done:
     Py_XDECREF(fspath);
-    Py_XDECREF(key);
     Py_XDECREF(started);
+    Py_XDECREF(writer);
     Py_XDECREF(rest);
     return result;
 }

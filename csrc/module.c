@@ -125,6 +125,13 @@ conversion_exec(PyObject *module)
         return -1;
     }
 
+    PyObject *stream_file = PyType_FromModuleAndSpec(module, &stream_file_spec, NULL);
+    int added = stream_file == NULL ? -1 : PyModule_AddType(module, (PyTypeObject *)stream_file);
+    Py_XDECREF(stream_file);
+    if (added < 0) {
+        return -1;
+    }
+
     if (PyModule_AddFunctions(module, codec_methods) < 0 ||
         PyModule_AddFunctions(module, checkpoint_methods) < 0 ||
         PyModule_AddFunctions(module, sft_methods) < 0 ||

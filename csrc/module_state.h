@@ -81,6 +81,7 @@ PyObject *runtime_call(ModuleState *st, Callback cb, PyObject *const *args, size
 
 /* Defined in state_manager.c */
 extern PyType_Spec state_manager_spec;
+extern PyType_Spec stream_file_spec; /* stream_file.c */
 extern PyMethodDef conversion_methods[];   /* conversion.c */
 
 /* checkpoint.c, for conversion.c.  ckpt_save_torch_file: torch.save(obj, path,

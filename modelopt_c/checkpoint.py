@@ -10,6 +10,7 @@ byte codecs.  The native core never calls back into this module (docs/ARCHITECTU
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import re
@@ -400,8 +401,19 @@ def save_torch_file(path: Any, obj: Any, **kwargs: Any) -> None:
     """``torch.save(obj, path, **kwargs)`` through the crash-safe writer (atomic_file.c):
     a temp file beside ``path``, locked while written, fsync, rename, fsync the folder;
     a new file gets 0666 & ~umask, a replaced one keeps its permissions, and temp files
-    of killed writers in that folder are removed."""
+    of killed writers in that folder are removed.
+
+    Without torch.save options the bytes are written by ``torch_zip.save`` (torch's own
+    records and pickle, streamed with O_DIRECT; the zip folder named after ``path`` as
+    torch.save names it), else by torch.save itself."""
+    if not set(kwargs) - {"_started"}:
+        kwargs["_writer"] = functools.partial(_write_torch_zip, archive=torch_zip.archive_name(path))
     _conversion._save_torch_file(path, obj, **kwargs)
+
+
+def _write_torch_zip(obj: Any, temp: str, archive: str) -> None:
+    if not torch_zip.save(obj, temp, archive):
+        torch.save(obj, temp)
 
 
 def _save_safetensors(f: Any, state_dict: dict, modelopt_state: dict, kwargs: dict, buffers: Any = None,

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["load"]
+__all__ = ["load", "save"]
 
-_MAX_PICKLE = 1 << 31
-_VERSIONS = (b"1", b"2", b"3")  # the record formats torch.save has written (others: torch.load)  # data.pkl is read into memory; more than 2 GiB of pickle is not a state dict
+_MAX_PICKLE = 1 << 31  # data.pkl is read into memory; more than 2 GiB of pickle is not a state dict
+_VERSIONS = (b"1", b"2", b"3")  # the record formats torch.save has written (others: torch.load)
 
 
 class _Unsupported(Exception):
@@ -452,3 +452,113 @@ def load(fd: int) -> Any | None:
     # The mapping is never closed here: torch.frombuffer keeps a reference to it, not
     # a buffer export, so closing it would unmap memory that tensors still point to.
     # It is unmapped when the last tensor over it is freed.
+
+
+# ---- the writer ------------------------------------------------------------------------------
+
+_ALIGN = 64  # where torch.save puts every record's data (.storage_alignment); mmap loads rely on it
+_FLAGS = 0x0808  # sizes and CRC in a descriptor after the data (streamed), UTF-8 names: as torch writes
+_ZIP64_AT = 0xFFFFFFFF  # a size or offset this large goes in zip64 fields (tests lower it)
+_MARK = 0xFFFFFFFF  # what a 32-bit field then holds: "see the zip64 field"
+_DESCRIPTOR = struct.Struct("<IIII")
+_DESCRIPTOR64 = struct.Struct("<IIQQ")
+
+
+class _ZipWriter:
+    """The zip file object ``torch.serialization._save`` writes its records to.
+
+    ``_save`` pickles the object (torch's own pickling: the same data.pkl) and hands
+    over each record; this writes them as torch's writer lays them out (data aligned to
+    64 bytes by a padding field, streamed with a descriptor after the data, zip64 where
+    a size or offset needs it, a zip64 end record always), every byte through a
+    :class:`StreamFile` (the CRC-32 computed as the bytes are copied, O_DIRECT writes).
+    """
+
+    def __init__(self, sink: Any, archive: str) -> None:
+        self.sink, self.archive = sink, archive
+        self.entries: list[tuple[bytes, int, int, int]] = []  # (name, header offset, size, crc)
+
+    def write_record(self, name: str, data: Any, nbytes: int) -> None:
+        if isinstance(data, str):
+            data = data.encode()
+        full = f"{self.archive}/{name}".encode()
+        offset, big = self.sink.tell(), nbytes >= _ZIP64_AT
+        zip64 = struct.pack("<HHQQ", 1, 16, 0, 0) if big else b""
+        fixed = offset + _LOCAL.size + len(full) + len(zip64) + 4
+        pad = -fixed % _ALIGN
+        sizes = _MARK if big else 0
+        self.sink.write(
+            _LOCAL.pack(0x04034B50, 45 if big else 20, _FLAGS, 0, 0, 0, 0, sizes, sizes, len(full), len(zip64) + 4 + pad)
+            + full + zip64 + struct.pack("<HH", 0x4246, pad) + bytes(pad)
+        )
+        if isinstance(data, torch.UntypedStorage):
+            if data.nbytes() != nbytes:
+                raise ValueError(f"record {name!r}: a storage of {data.nbytes()} bytes, announced as {nbytes}")
+            crc = self.sink.write_storage(data)
+        else:
+            view = memoryview(data).cast("B")
+            if view.nbytes != nbytes:
+                raise ValueError(f"record {name!r}: {view.nbytes} bytes, announced as {nbytes}")
+            crc = self.sink.write(view)
+        if big:
+            self.sink.write(_DESCRIPTOR64.pack(0x08074B50, crc, nbytes, nbytes))
+        else:
+            self.sink.write(_DESCRIPTOR.pack(0x08074B50, crc, nbytes, nbytes))
+        self.entries.append((full, offset, nbytes, crc))
+
+    def write_record_metadata(self, name: str, nbytes: int) -> None:
+        raise _Unsupported("skip_data: torch.save writes headers without data")
+
+    def write_end_of_file(self) -> None:
+        """torch's closing records (format version, a serialization id), then the directory."""
+        self.write_record("version", b"3\n", 2)
+        ident = f"{int.from_bytes(os.urandom(8), 'little'):020d}{int.from_bytes(os.urandom(8), 'little'):020d}"
+        self.write_record(".data/serialization_id", ident.encode(), 40)
+        start, directory = self.sink.tell(), []
+        for full, offset, nbytes, crc in self.entries:
+            values = [v for v in (nbytes, nbytes, offset) if v >= _ZIP64_AT]
+            extra = struct.pack(f"<HH{len(values)}Q", 1, 8 * len(values), *values) if values else b""
+            size32 = _MARK if nbytes >= _ZIP64_AT else nbytes
+            version = 45 if values else 20
+            directory.append(
+                _CDIR.pack(0x02014B50, version, version, _FLAGS, 0, 0, 0, crc, size32, size32, len(full), len(extra), 0,
+                           0, 0, 0, _MARK if offset >= _ZIP64_AT else offset)
+                + full + extra
+            )
+        body = b"".join(directory)
+        end, count = start + len(body), len(self.entries)
+        tail = _EOCD64.pack(0x06064B50, _EOCD64.size - 12, 45, 45, 0, 0, count, count, len(body), start)
+        tail += _EOCD64_LOC.pack(0x07064B50, 0, end, 1)
+        tail += _EOCD.pack(0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF), min(len(body), _MARK),
+                           _MARK if start >= _ZIP64_AT else start, 0)
+        self.sink.write(body + tail)
+
+
+def archive_name(path: Any) -> str:
+    """The folder torch.save names inside the zip: the file's name without its extension;
+    "archive" for a name that is not ASCII (torch writes those through a file object) or
+    has nothing before its last dot (which torch.save refuses)."""
+    base = os.path.basename(os.fsdecode(os.fspath(path)))
+    stem = base[: base.rfind(".")] if "." in base else base
+    return stem if stem and stem.isascii() else "archive"
+
+
+def save(obj: Any, path: Any, archive: str) -> bool:
+    """Write ``obj`` to the new file ``path`` as ``torch.save(obj, path)`` would (the same
+    records: torch pickles them), the zip folder named ``archive``.
+
+    False (``path`` then untouched or partly written: the caller's temp file) when the
+    object needs what this writer does not do (``skip_data``): save it with torch.save.
+    Write errors raise OSError with the errno.
+    """
+    from ._conversion import StreamFile
+
+    with StreamFile(path) as sink:  # O_DIRECT unless MODELOPT_C_DIRECT_IO=0
+        writer = _ZipWriter(sink, archive)
+        try:
+            torch.serialization._save(obj, writer, pickle, 2, False)
+        except _Unsupported:
+            return False
+        writer.write_end_of_file()
+        sink.finish()
+    return True
