@@ -8,6 +8,7 @@
 #include "safetensors_error.h"
 #include "aten_bridge.h"
 #include "atomic_file.h"
+#include "stream_sink.h"
 #include "xxh64.h"
 
 #include <errno.h>
@@ -408,17 +409,17 @@ sft_call_progress(PyObject *progress, uint64_t done, uint64_t total)
     return 0;
 }
 
-/* Append `n` bytes to fd with the GIL released, hashing them first into `h` when
- * given; an OSError naming the file on failure. */
+/* Append `n` bytes to the file with the GIL released, hashing them first into `h`
+ * when given; an OSError naming the file on failure. */
 static int
-sft_write_nogil(int fd, const void *data, size_t n, Xxh64State *h, PyObject *display)
+sft_write_nogil(StreamSink *sink, const void *data, size_t n, Xxh64State *h, PyObject *display)
 {
     int rc, saved_errno;
     Py_BEGIN_ALLOW_THREADS
     if (h != NULL) {
         xxh64_update(h, data, n);
     }
-    rc = sft_write_all(fd, data, n, NULL);
+    rc = stream_sink_write(sink, data, n, NULL);
     saved_errno = errno;
     Py_END_ALLOW_THREADS
     return rc < 0 ? sft_os_error(display, saved_errno) : 0;
@@ -436,7 +437,7 @@ typedef struct {
 /* The data pass: the state st_write_data carries from one piece to the next. */
 typedef struct {
     SftWriter *w;
-    int fd;
+    StreamSink *sink;
     size_t chunk;
     AtbStager *stager;  /* NULL when no tensor is staged */
     int next_slot;
@@ -575,7 +576,7 @@ sft_write_piece(SftDataPass *dp, const SftPiece *p, const char *data)
     if (p->off == 0) {
         xxh64_init(&dp->hash);
     }
-    if (sft_write_nogil(dp->fd, data, p->n, &dp->hash, w->display) < 0) {
+    if (sft_write_nogil(dp->sink, data, p->n, &dp->hash, w->display) < 0) {
         return -1;
     }
     if (p->off + p->n == o->nbytes) {
@@ -602,9 +603,9 @@ sft_write_piece(SftDataPass *dp, const SftPiece *p, const char *data)
  * tensor through the stager, in chunks of that size, to exercise the same
  * pipeline without a device. */
 static int
-sft_write_data(SftWriter *w, int fd)
+sft_write_data(SftWriter *w, StreamSink *sink)
 {
-    SftDataPass dp = {.w = w, .fd = fd, .chunk = w->stage_bytes ? w->stage_bytes : SFT_CHUNK, .host_of = -1,
+    SftDataPass dp = {.w = w, .sink = sink, .chunk = w->stage_bytes ? w->stage_bytes : SFT_CHUNK, .host_of = -1,
                       .next_report = SFT_PROGRESS_EVERY};
     SftPiece cur, nxt;
     int rc = -1, have_cur, have_nxt;
@@ -636,9 +637,11 @@ done:
 
 /* ------------------------------------------------------------------ 4. the file */
 
-/* The temporary file next to the target, its writeback started. */
+/* The temporary file next to the target, its writeback started, and the sink that
+ * writes it (stream_sink.c: O_DIRECT where the file system takes it, the copies and
+ * hashing here overlapping the writes there). */
 static int
-sft_open_temp(SftWriter *w, AtomicFile *af, PyObject *fsbytes)
+sft_open_temp(SftWriter *w, AtomicFile *af, StreamSink *sink, PyObject *fsbytes)
 {
     int rc, saved_errno;
     if (strlen(PyBytes_AS_STRING(fsbytes)) != (size_t)PyBytes_GET_SIZE(fsbytes)) {
@@ -647,21 +650,26 @@ sft_open_temp(SftWriter *w, AtomicFile *af, PyObject *fsbytes)
     Py_BEGIN_ALLOW_THREADS
     rc = atomic_file_open(af, PyBytes_AS_STRING(fsbytes));
     if (rc == 0) {
-        atomic_file_start_writeback(af); /* disk writes overlap hashing and staging */
+        atomic_file_start_writeback(af); /* what goes through the page cache is written out early */
+        rc = stream_sink_open(sink, af->tmp, SFT_CHUNK, stream_sink_direct_wanted());
     }
     saved_errno = errno;
     Py_END_ALLOW_THREADS
     return rc < 0 ? sft_os_error(w->display, saved_errno) : 0;
 }
 
-/* The final header over the placeholders, then fsync, rename, fsync the folder. */
+/* The rest of the data written out, the final header over the placeholders, then
+ * fsync, rename, fsync the folder. */
 static int
-sft_commit(SftWriter *w, AtomicFile *af)
+sft_commit(SftWriter *w, AtomicFile *af, StreamSink *sink)
 {
     int rc, saved_errno = 0;
     off_t zero = 0;
     Py_BEGIN_ALLOW_THREADS
-    rc = sft_write_all(af->fd, w->hdr.data, w->hdr.len, &zero);
+    rc = stream_sink_finish(sink);
+    if (rc == 0) {
+        rc = sft_write_all(af->fd, w->hdr.data, w->hdr.len, &zero);
+    }
     if (rc == 0) {
         rc = atomic_file_commit(af);
     }
@@ -693,6 +701,7 @@ sft_write(PyObject *module, PyObject *args, PyObject *kwargs)
     Py_ssize_t stage_bytes = 0;
     SftWriter w = {.st = module_state(module)};
     AtomicFile af = {.fd = -1};
+    StreamSink sink = {0};
 
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!O!|$On:st_write", kwlist, &path, &PyDict_Type, &tensors,
                                      &PyDict_Type, &metadata, &progress, &stage_bytes)) {
@@ -716,12 +725,15 @@ sft_write(PyObject *module, PyObject *args, PyObject *kwargs)
      * placeholders for the checksums, 3. the temporary file, 4. header, tensor
      * bytes hashed as they go, final header, commit. */
     if (sft_collect(&w, tensors) < 0 || sft_build_header(&w, metadata) < 0 ||
-        sft_open_temp(&w, &af, fsbytes) < 0 || sft_write_nogil(af.fd, w.hdr.data, w.hdr.len, NULL, display) < 0 ||
-        sft_write_data(&w, af.fd) < 0 || sft_commit(&w, &af) < 0) {
+        sft_open_temp(&w, &af, &sink, fsbytes) < 0 || sft_write_nogil(&sink, w.hdr.data, w.hdr.len, NULL, display) < 0 ||
+        sft_write_data(&w, &sink) < 0 || sft_commit(&w, &af, &sink) < 0) {
         goto done;
     }
     result = Py_NewRef(Py_None);
 done:
+    Py_BEGIN_ALLOW_THREADS
+    stream_sink_close(&sink); /* its thread stopped, its descriptors closed */
+    Py_END_ALLOW_THREADS
     atomic_file_close(&af); /* closes the temp file and removes it unless it was committed */
     sft_writer_clear(&w);
     Py_XDECREF(fsbytes);
