@@ -61,7 +61,7 @@ LD_PRELOAD="$asan_lib" python -m pytest -q -p no:cacheprovider --capture=sys \
     tests/test_codec.py tests/test_state_manager.py tests/test_conversion.py \
     tests/test_config_and_modes.py tests/test_checkpoint_torch.py \
     tests/test_st_format.py tests/test_checkpoint_safetensors.py \
-    tests/test_cli.py tests/test_files_and_errors.py tests/test_torch_zip.py tests/test_restore_atomic.py tests/hostile \
+    tests/test_cli.py tests/test_files_and_errors.py tests/test_torch_zip.py tests/test_torch_zip_write.py tests/test_restore_atomic.py tests/hostile \
     tests/test_progress.py tests/test_notebook_displays.py \
     'tests/test_isolated.py::test_no_leaks[leaks_codec]' --run-isolated "$@" || {
     status=$?
