@@ -482,11 +482,13 @@ def _note_fresh_model(exc: AssertionError) -> None:
 def save(model: nn.Module, f: FileLike, *, format: str | None = None, **kwargs: Any) -> None:
     """Save the model's weights with its modelopt state so ``restore()`` rebuilds it.
 
-    f: a path or a binary file object.  format: ``'torch'`` (the default; the exact
-    file nvidia-modelopt writes, ``kwargs`` go to ``torch.save``) or ``'safetensors'``
-    (the default for paths ending in ``.safetensors``).  A path is written to a
-    temporary file in the same folder, fsynced and renamed over the target: a crash
-    leaves the old file or the new one, never a broken one.  A wrapped model
+    f: a path or a binary file object.  format: ``'torch'`` (the default; the file
+    nvidia-modelopt writes: torch.save's records, pickled by torch, written by our own
+    zip writer with O_DIRECT; ``kwargs`` go to ``torch.save``, which then writes it) or
+    ``'safetensors'`` (the default for paths ending in ``.safetensors``).  A path is
+    written to a temporary file in the same folder, fsynced and renamed over the target:
+    a crash leaves the old file or the new one, never a broken one.
+    ``MODELOPT_C_DIRECT_IO=0`` writes through the page cache instead.  A wrapped model
     (DataParallel, DDP, FSDP) is unwrapped with a warning.
 
     ``progress``: a bar when interactive (default), ``False``, ``True`` or a

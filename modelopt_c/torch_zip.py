@@ -18,6 +18,7 @@ placeholders until the whole pickle has been read).
 from __future__ import annotations
 
 import gc
+import hashlib
 import io
 import mmap
 import os
@@ -512,8 +513,12 @@ class _ZipWriter:
     def write_end_of_file(self) -> None:
         """torch's closing records (format version, a serialization id), then the directory."""
         self.write_record("version", b"3\n", 2)
-        ident = f"{int.from_bytes(os.urandom(8), 'little'):020d}{int.from_bytes(os.urandom(8), 'little'):020d}"
-        self.write_record(".data/serialization_id", ident.encode(), 40)
+        # torch derives its id from the records (the same object, the same file); so do we
+        digest = hashlib.blake2b(digest_size=16)
+        for full, _, nbytes, crc in self.entries:
+            digest.update(struct.pack("<IQ", crc, nbytes) + full + b"\0")
+        high, low = struct.unpack("<QQ", digest.digest())
+        self.write_record(".data/serialization_id", f"{high:020d}{low:020d}".encode(), 40)
         start, directory = self.sink.tell(), []
         for full, offset, nbytes, crc in self.entries:
             values = [v for v in (nbytes, nbytes, offset) if v >= _ZIP64_AT]
