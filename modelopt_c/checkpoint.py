@@ -242,6 +242,10 @@ def torch_load_checked(f: Any, kwargs: dict[str, Any] | None = None) -> Any:
     """
     kwargs = {} if kwargs is None else kwargs
     name = describe_file(f)
+    location = kwargs.get("map_location")
+    restore_location(location, name)  # a map_location of no kind torch.load takes: TypeError, not "corrupted"
+    if isinstance(location, int) and not isinstance(location, bool):
+        kwargs = dict(kwargs, map_location=str(_int_device(location, name)))  # as for the safetensors format
     try:
         return _torch_load(f, kwargs)
     except (FileNotFoundError, PermissionError, CheckpointError):
@@ -432,7 +436,7 @@ def _map_tensor(t: torch.Tensor, restore: Callable[[Any, str], Any], location: s
     return out
 
 
-def _placement(f: Any, kind: str, kwargs: dict[str, Any], name: str) -> tuple[Callable | None, torch.device | None]:
+def placement(kind: str, kwargs: dict[str, Any], name: str) -> tuple[Callable | None, torch.device | None]:
     """(the storage mapper for ``map_location``, the one device it names, or None).
 
     The torch format without map_location loads onto the CPU (this module's default);
@@ -488,7 +492,7 @@ def load_for_restore(
     if kind is None:
         raise _not_a_checkpoint(f)
     verify = kwargs.pop("verify", True)
-    restore, target = _placement(f, kind, kwargs, name)
+    restore, target = placement(kind, kwargs, name)
     if target is not None:
         kwargs["map_location"] = "cpu"  # placed below (and torch_zip's fast reader serves the torch format)
     memo: dict = {}
@@ -714,7 +718,17 @@ def restore(model: Any, f: FileLike, **kwargs: Any) -> nn.Module:
     from the file runs; pass ``weights_only=False`` yourself only for a trusted file),
     and paths are memory-mapped, so the peak memory is the model plus one tensor.  A
     model built on the meta device gets its tensors straight from the file.
-    ``map_location`` defaults to ``'cpu'``; ``verify`` (default True) checks the
+    ``map_location`` defaults to ``'cpu'`` and takes every form ``torch.load`` takes: a
+    device (``'cuda:1'``, ``torch.device``, or an int: that accelerator), a dict
+    ``{saved location: location}`` (the safetensors format's tensors are saved at
+    ``'cpu'``: ``{'cpu': 'cuda:0'}``), or a function ``(storage, location)`` given each
+    storage read on the CPU and its saved location, returning the storage placed, or
+    None for the saved location.  It places the tensors in the modelopt state too.  A
+    device is where a meta model's tensors go; a model with data is filled in place
+    from the mapped file (host to device: no copy of the weights on the device first).
+    A function is called for every tensor first, as torch.load does; for the torch
+    format a dict (or None) goes by each storage's saved location, through torch.load.
+    ``verify`` (default True) checks the
     safetensors format's checksums; ``progress`` as for ``save`` (bytes copied into the
     model).  Every key, shape, dtype and kind is checked before
     the first byte is copied: RuntimeError in torch's load_state_dict wording listing
