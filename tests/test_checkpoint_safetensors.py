@@ -148,6 +148,25 @@ def test_map_location_for_the_safetensors_format(converted, tmp_path, x):
         mto.restore(TinyNet(), path, map_location={"cpu": 0})
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("suffix", ["safetensors", "pt"])
+def test_map_location_cuda_fills_a_gpu_model_without_a_second_copy(tmp_path, suffix):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 8))  # 4 MiB of weights
+    path = tmp_path / f"c.{suffix}"
+    mto.save(model, path)
+    target = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 8)).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    restored = mto.restore(target, path, map_location="cuda")
+    torch.cuda.synchronize()
+    assert restored[0].weight.is_cuda and torch.equal(restored[0].weight.cpu(), model[0].weight)
+    # copied from the mapped file straight into the model's tensors: no copy of the
+    # weights on the GPU first (that alone would be 4 MiB)
+    assert torch.cuda.max_memory_allocated() - before < (1 << 20)
+
+
 def _with_state_tensor(model):
     """``model`` with tensors in its mode metadata (as a mode's may hold): the state's own tensors."""
     meta = model._modelopt_state[0][1]["metadata"]

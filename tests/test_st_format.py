@@ -239,6 +239,22 @@ def test_cuda_tensors_are_staged_through_pinned_buffers(tmp_path):
     assert (tmp_path / "gpu.safetensors").read_bytes() == (tmp_path / "cpu.safetensors").read_bytes()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_non_contiguous_tensors_are_gathered_chunk_by_chunk(tmp_path):
+    src = non_contiguous_tensors()
+    src["big"] = torch.randn(4001, 1000).t()  # 16 MB across the 8 MiB chunks
+    on_gpu = {k: v.cuda() for k, v in src.items()}
+    _conversion.st_write(tmp_path / "cpu.safetensors", {k: v.contiguous() for k, v in src.items()}, {})
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    _conversion.st_write(tmp_path / "gpu.safetensors", on_gpu, {})
+    grown = torch.cuda.max_memory_allocated() - before
+    assert (tmp_path / "gpu.safetensors").read_bytes() == (tmp_path / "cpu.safetensors").read_bytes()
+    # at most a chunk (plus two elements) gathered at a time: never a contiguous copy of "big"
+    assert grown <= (8 << 20) + 4096 < src["big"].nbytes, grown
+
+
 def test_pathlike_and_progress(tmp_path):
     calls = []
     big = {"w": torch.zeros(70 << 18)}  # 70 MiB: one mid-write report and the final one
