@@ -408,7 +408,8 @@ def map_tensors(obj: Any, restore: Callable[[Any, str], Any], location: str = ST
             return obj
         if isinstance(obj, list):
             return type(obj)(items) if type(obj) is not list else items
-        return type(obj)._make(items) if hasattr(type(obj), "_make") else type(obj)(items)
+        make = getattr(type(obj), "_make", None)  # a namedtuple takes its fields one by one
+        return make(items) if make is not None else type(obj)(items)
     return obj
 
 

@@ -335,3 +335,30 @@ def test_restore_verifies_checksums_unless_told_not_to(converted, tmp_path, x):
     got = restored.state_dict()[name]
     want = converted.state_dict()[name]
     assert got.shape == want.shape and not torch.equal(got, want)  # the damaged bytes, as asked
+
+
+def test_map_tensors_places_once_per_storage_and_keeps_the_structure():
+    import collections
+
+    from modelopt_c import checkpoint
+
+    Pair = collections.namedtuple("Pair", "a b")
+    base = torch.arange(12.0)
+    view = base.reshape(3, 4).t()
+    untouched = {"n": 1, "s": slice(1, 2), "t": (1, "x")}
+    obj = {"pair": Pair(base, view), "list": [base, 3], "again": base, "plain": untouched}
+    calls = []
+
+    def copy(storage, location):  # a new storage per call: shows what shares what afterwards
+        calls.append((location, storage.nbytes()))
+        return storage.clone()
+
+    out = checkpoint.map_tensors(obj, checkpoint.restore_location(copy, "'f'"))
+    assert calls == [("cpu", 48)]  # one storage, one call
+    assert type(out["pair"]) is Pair and out["list"][1] == 3 and out["plain"] is untouched
+    assert out["again"] is out["pair"].a is out["list"][0]  # the same tensor stays one tensor
+    moved_view = out["pair"].b
+    assert moved_view.untyped_storage().data_ptr() == out["again"].untyped_storage().data_ptr()
+    assert moved_view.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+    assert moved_view.stride() == (1, 4) and torch.equal(moved_view, view)
+    assert checkpoint.map_tensors(obj, checkpoint.restore_location("cpu", "'f'")) is obj  # nothing moved
