@@ -246,6 +246,8 @@ def torch_load_checked(f: Any, kwargs: dict[str, Any] | None = None) -> Any:
     restore_location(location, name)  # a map_location of no kind torch.load takes: TypeError, not "corrupted"
     if isinstance(location, int) and not isinstance(location, bool):
         kwargs = dict(kwargs, map_location=str(_int_device(location, name)))  # as for the safetensors format
+    elif isinstance(location, dict):  # torch.load matches the values as strings
+        kwargs = dict(kwargs, map_location={k: str(v) for k, v in location.items()})
     try:
         return _torch_load(f, kwargs)
     except (FileNotFoundError, PermissionError, CheckpointError):

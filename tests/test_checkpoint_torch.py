@@ -316,7 +316,8 @@ def test_load_modelopt_state_takes_map_location_as_torch_load(converted, tmp_pat
     state["modelopt_state_dict"][0][1]["metadata"]["scale"] = torch.arange(3.0)  # a mode's tensor
     path = tmp_path / "state.pth"
     torch.save(state, path)
-    for location in ("meta", torch.device("meta"), {"cpu": "meta"}, lambda s, loc: torch.UntypedStorage(s.nbytes(), device="meta")):
+    for location in ("meta", torch.device("meta"), {"cpu": "meta"}, {"cpu": torch.device("meta")},
+                     lambda s, loc: torch.UntypedStorage(s.nbytes(), device="meta")):
         loaded = mto.load_modelopt_state(path, map_location=location)
         assert loaded["modelopt_state_dict"][0][1]["metadata"]["scale"].device.type == "meta"
     assert torch.equal(mto.load_modelopt_state(path)["modelopt_state_dict"][0][1]["metadata"]["scale"], torch.arange(3.0))
