@@ -229,15 +229,48 @@ int atb_host_contiguous(const AtbTensor *t, AtbTensor **host, AtbError *err) {
         *host = new AtbTensor{t->t};
         return 0;
     }
-    if (t->t.is_cpu()) {
-        *host = new AtbTensor{t->t.contiguous()};
-        return 0;
-    }
-    auto pinned = at::empty(t->t.sizes(), at::TensorOptions().dtype(t->t.scalar_type()).pinned_memory(true));
-    pinned.copy_(t->t.contiguous());
-    *host = new AtbTensor{std::move(pinned)};
+    // a device tensor comes over as it lies (no contiguous copy of it on the device, no
+    // page-locked buffer for a copy that is synchronous anyway), then is made contiguous here
+    *host = new AtbTensor{t->t.to(at::kCPU).contiguous()};
     return 0;
     ATB_CATCH(err)
+}
+
+// Copy the elements [e0, e1) of `t`, counted in C (row-major) order, into `out`: a
+// contiguous 1-D tensor of e1 - e0 elements of t's dtype on t's device.  Only those
+// elements are touched: rows wholly inside the range are one narrow, the partial first
+// and last rows recurse one dimension down, so at most 2 * dim + 1 copies are made and
+// no temporary is larger than the range (a stride-0 / expanded tensor is read as what
+// it shows, never materialised whole).
+static void atb_gather_flat(const at::Tensor &t, int64_t e0, int64_t e1, const at::Tensor &out) {
+    if (e0 >= e1 || t.numel() == 0) return;
+    if (t.dim() == 0) {
+        out.copy_(t.reshape({1}));
+        return;
+    }
+    const int64_t inner = t.numel() / t.size(0); // elements per leading index
+    const int64_t i0 = e0 / inner, i1 = (e1 - 1) / inner; // first and last rows touched
+    if (i0 == i1 && (e0 % inner != 0 || e1 - e0 != inner)) {
+        atb_gather_flat(t.select(0, i0), e0 - i0 * inner, e1 - i0 * inner, out);
+        return;
+    }
+    int64_t pos = 0, whole0 = i0, whole1 = i1 + 1; // rows [whole0, whole1) are copied whole
+    if (e0 % inner != 0) {                          // the first row, from e0 on
+        const int64_t len = (i0 + 1) * inner - e0;
+        atb_gather_flat(t.select(0, i0), e0 - i0 * inner, inner, out.narrow(0, 0, len));
+        pos = len;
+        whole0 = i0 + 1;
+    }
+    const bool tail = e1 % inner != 0;
+    if (tail) whole1 = i1;
+    if (whole1 > whole0) {
+        const at::Tensor rows = t.narrow(0, whole0, whole1 - whole0);
+        out.narrow(0, pos, rows.numel()).view(rows.sizes()).copy_(rows);
+        pos += rows.numel();
+    }
+    if (tail) { // the last row, up to e1
+        atb_gather_flat(t.select(0, i1), 0, e1 - i1 * inner, out.narrow(0, pos, e1 - i1 * inner));
+    }
 }
 
 struct AtbStager {
@@ -246,7 +279,8 @@ struct AtbStager {
     at::Tensor src[2];                 // the source of the copy in flight, kept alive
     std::optional<c10::Event> done[2]; // recorded after a device copy; empty for CPU
     const AtbTensor *key = nullptr;    // the tensor `image` was made from
-    at::Tensor image;                  // its C-contiguous bytes, 1-D uint8, on its device
+    at::Tensor image;                  // its bytes, 1-D uint8, on its device: a view (contiguous
+                                       // tensors only; undefined for the others)
 };
 
 int atb_stager_new(size_t chunk, int pinned, AtbStager **out, AtbError *err) {
@@ -267,19 +301,36 @@ int atb_stager_start(AtbStager *s, int slot, const AtbTensor *t, int64_t off, in
         return -1;
     }
     if (s->key != t) {
-        s->image = t->t.contiguous().reshape({-1}).view(at::kByte);
+        // a contiguous tensor is read where it lies; a non-contiguous one piece by piece
+        // below (never a whole contiguous copy of it: on a GPU that is a second copy of it)
+        s->image = t->t.is_contiguous() ? t->t.reshape({-1}).view(at::kByte) : at::Tensor();
         s->key = t;
     }
-    if (off < 0 || off + n > s->image.numel()) {
+    const int64_t nbytes = static_cast<int64_t>(t->t.nbytes());
+    if (off < 0 || off > nbytes || n > nbytes - off) {
         std::snprintf(err->msg, sizeof(err->msg), "stager: bytes [%lld, %lld) outside a tensor of %lld bytes",
-                      (long long)off, (long long)(off + n), (long long)s->image.numel());
+                      (long long)off, (long long)(off + n), (long long)nbytes);
         return -1;
     }
+    at::Tensor bytes;
+    if (s->image.defined()) {
+        bytes = s->image.narrow(0, off, n);
+    }
+    else {
+        // the elements that bytes [off, off + n) of the C-contiguous image fall in (a piece
+        // need not start or end on an element), gathered on t's device: at most n plus
+        // two elements' bytes, however large the tensor
+        const int64_t es = static_cast<int64_t>(t->t.element_size());
+        const int64_t e0 = off / es, e1 = (off + n + es - 1) / es;
+        at::Tensor piece = at::empty({e1 - e0}, t->t.options().memory_format(at::MemoryFormat::Contiguous));
+        atb_gather_flat(t->t, e0, e1, piece);
+        bytes = piece.view(at::kByte).narrow(0, off - e0 * es, n);
+    }
     s->done[slot].reset();
-    s->src[slot] = s->image;
-    s->buf[slot].narrow(0, 0, n).copy_(s->image.narrow(0, off, n), /*non_blocking=*/true);
-    if (!s->image.is_cpu()) {
-        const c10::Device device = s->image.device();
+    s->src[slot] = bytes;
+    s->buf[slot].narrow(0, 0, n).copy_(bytes, /*non_blocking=*/true);
+    if (!bytes.is_cpu()) {
+        const c10::Device device = bytes.device();
         c10::impl::VirtualGuardImpl guard(device.type());
         s->done[slot].emplace(device.type());
         s->done[slot]->record(guard.getStream(device));

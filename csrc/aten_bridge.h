@@ -74,8 +74,9 @@ int atb_is_contiguous(const AtbTensor *t);
 int atb_is_cpu(const AtbTensor *t);
 
 /* Contiguous host bytes of `t`: *host is `t` itself when it is a contiguous CPU
- * tensor, else a new contiguous CPU copy (device tensors are copied through pinned
- * memory). The caller frees *host with atb_free. `t` borrowed. */
+ * tensor, else a new contiguous CPU copy (a device tensor is copied to the host as
+ * it lies, then made contiguous there: no pinned memory, no copy on the device).
+ * The caller frees *host with atb_free. `t` borrowed. */
 int atb_host_contiguous(const AtbTensor *t, AtbTensor **host, AtbError *err);
 const void *atb_data(const AtbTensor *t);
 
@@ -92,9 +93,9 @@ const void *atb_data(const AtbTensor *t);
  * blocks until that copy has landed and gives the buffer's address, valid until
  * the next start() on the same slot.  For a CPU tensor the copy is synchronous
  * (used by tests to exercise the same pipeline without a GPU).  `t` is borrowed
- * and must outlive the stager's use of it; the stager keeps a contiguous image
- * of the last tensor it was given, so a non-contiguous tensor is made contiguous
- * once, not once per chunk. */
+ * and must outlive the stager's use of it.  A non-contiguous `t` is never made
+ * contiguous whole: each start() gathers only the elements its bytes fall in (at
+ * most n bytes plus two elements, on t's device), in the C-contiguous byte order. */
 typedef struct AtbStager AtbStager;
 int atb_stager_new(size_t chunk, int pinned, AtbStager **out, AtbError *err);
 int atb_stager_start(AtbStager *s, int slot, const AtbTensor *t, int64_t off, int64_t n, AtbError *err);

@@ -18,6 +18,7 @@ typedef struct {
     PyObject *to_dlpack;   /* torch._C._to_dlpack: exports a CUDA tensor off the current device */
     PyObject *s_checksums;          /* "checksums" */
     PyObject *s_checksum_algorithm; /* "checksum_algorithm" */
+    int noted_unpinned; /* st_write said that pinned staging buffers could not be had */
 } SftState;
 
 int sft_state_init(SftState *ss);

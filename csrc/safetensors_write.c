@@ -24,6 +24,7 @@ typedef struct {
     AtbTensor *tensor; /* owned */
     int dtype;         /* index into sft_dtypes */
     int is_cpu;        /* atb_is_cpu, asked once */
+    int is_contig;     /* atb_is_contiguous, asked once */
     uint64_t nbytes, begin;
     size_t hash_pos;   /* where its 16 hex digits sit in the header */
 } SftOut;
@@ -39,6 +40,7 @@ typedef struct {
     SftBuf hdr;         /* length prefix + JSON + padding */
     PyObject *progress; /* borrowed; None or a callable */
     size_t stage_bytes; /* > 0: every tensor through the stager, in chunks this big */
+    int stage_pinned;   /* tests: ask for page-locked staging buffers even with stage_bytes */
 } SftWriter;
 
 /* ------------------------------------------------------------------ 1. the tensors */
@@ -187,7 +189,8 @@ sft_describe(SftWriter *w, SftOut *o, PyObject *value, PyObject *key)
     int64_t nb = atb_nbytes(o->tensor);
     int ndim = atb_ndim(o->tensor);
     o->is_cpu = atb_is_cpu(o->tensor);
-    int bad = nb < 0 || ndim < 0 || ndim > SFT_MAX_NDIM || o->is_cpu < 0;
+    o->is_contig = atb_is_contiguous(o->tensor);
+    int bad = nb < 0 || ndim < 0 || ndim > SFT_MAX_NDIM || o->is_cpu < 0 || o->is_contig < 0;
     for (int d = 0; !bad && d < ndim; d++) {
         bad = atb_size(o->tensor, d) < 0;
     }
@@ -464,12 +467,13 @@ sft_piece_after(const SftDataPass *dp, const SftPiece *p, SftPiece *out)
     return 0;
 }
 
-/* Whether a tensor's bytes go through the stager: device tensors always, every
+/* Whether a tensor's bytes go through the stager: device tensors and
+ * non-contiguous ones (gathered a chunk at a time, never copied whole), every
  * tensor when the tests ask for it (`stage_bytes` > 0). */
 static int
 sft_is_staged(const SftOut *o, size_t stage_bytes)
 {
-    return stage_bytes || !o->is_cpu;
+    return stage_bytes || !o->is_cpu || !o->is_contig;
 }
 
 /* Queue piece `p` into the stager's next slot, if its tensor is staged (else it is
@@ -494,35 +498,65 @@ sft_stage(SftDataPass *dp, SftPiece *p)
     return rc;
 }
 
+/* The first time in this process that page-locked staging buffers could not be
+ * had: say so (a UserWarning), with why and what it costs. */
+static int
+sft_note_unpinned(SftWriter *w, const char *why)
+{
+    char reason[sizeof(((AtbError *)NULL)->msg)] = {0};
+    size_t len = 0;
+    if (w->st->sft.noted_unpinned) {
+        return 0;
+    }
+    w->st->sft.noted_unpinned = 1;
+    snprintf(reason, sizeof(reason), "%s", why);
+    len = strlen(reason);
+    while (len > 0 && (reason[len - 1] == '.' || reason[len - 1] == ' ' || reason[len - 1] == '\n')) {
+        reason[--len] = '\0'; /* ATen's sentence ends inside our parentheses */
+    }
+    return PyErr_WarnFormat(PyExc_UserWarning, 1,
+                            "modelopt_c: no page-locked (pinned) host memory for the staging buffers (%s): "
+                            "tensors on the device are saved through plain host buffers, with synchronous copies "
+                            "that no longer overlap the writes (slower; the file is the same). Said once per process.",
+                            reason);
+}
+
 /* Empty tensors get the digest of no bytes now (no piece will finish them); the
- * stager is made when some tensor needs it. */
+ * stager is made when some tensor needs it, its buffers page-locked when a device
+ * tensor is staged (the copies then overlap the writes). */
 static int
 sft_data_start(SftDataPass *dp)
 {
     SftWriter *w = dp->w;
-    AtbError err;
-    int any_staged = 0, r;
+    AtbError err = {{0}}, pin_err = {{0}};
+    int any_staged = 0, any_device = 0, pinned = 0, r = -1, unpinned = 0;
     for (Py_ssize_t i = 0; i < w->nout; i++) {
         if (w->order[i]->nbytes == 0) {
             xxh64_to_hex(xxh64_buffer("", 0), w->hdr.data + w->order[i]->hash_pos);
         }
         else if (sft_is_staged(w->order[i], w->stage_bytes)) {
             any_staged = 1;
+            any_device |= !w->order[i]->is_cpu;
         }
     }
     if (!any_staged) {
         return 0;
     }
+    pinned = (any_device && !w->stage_bytes) || w->stage_pinned;
     Py_BEGIN_ALLOW_THREADS
-    r = atb_stager_new(dp->chunk, !w->stage_bytes, &dp->stager, &err);
-    if (r < 0 && !w->stage_bytes) { /* no page-locked memory: plain buffers, synchronous copies */
+    r = atb_stager_new(dp->chunk, pinned, &dp->stager, &pin_err);
+    if (r < 0 && pinned) { /* no page-locked memory: plain buffers, synchronous copies */
+        unpinned = 1;
         r = atb_stager_new(dp->chunk, 0, &dp->stager, &err);
+    }
+    else if (r < 0) {
+        err = pin_err;
     }
     Py_END_ALLOW_THREADS
     if (r < 0) {
         return sft_fail(w->st, w->display, "cannot allocate the staging buffers: %s", err.msg);
     }
-    return 0;
+    return unpinned ? sft_note_unpinned(w, pin_err.msg) : 0;
 }
 
 /* Where the bytes of piece `p` are: its stager slot once the copy is done, or the
@@ -594,12 +628,13 @@ sft_write_piece(SftDataPass *dp, const SftPiece *p, const char *data)
 }
 
 /* The data section, tensor after tensor in data order, hashed as it goes (the
- * digests land in the header at their hash_pos).  CPU tensors are written from
- * where they lie (a contiguous copy first when they are not contiguous).  Other
- * tensors go through a stager's two host buffers, pinned when possible: the copy
- * of the next piece is queued before the current one is written, so
- * device-to-host copies overlap the writes and at most two chunks of host memory
- * are used whatever the tensor sizes.  `stage_bytes` > 0 (tests) sends every
+ * digests land in the header at their hash_pos).  Contiguous CPU tensors are
+ * written from where they lie.  Other tensors (on a device, or non-contiguous:
+ * each chunk gathered on its own, never a whole contiguous copy) go through a
+ * stager's two host buffers, pinned for device tensors when possible: the copy of
+ * the next piece is queued before the current one is written, so device-to-host
+ * copies overlap the writes and at most two chunks of host memory are used
+ * whatever the tensor sizes.  `stage_bytes` > 0 (tests) sends every
  * tensor through the stager, in chunks of that size, to exercise the same
  * pipeline without a device. */
 static int
@@ -695,16 +730,17 @@ sft_writer_clear(SftWriter *w)
 PyObject *
 sft_write(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"path", "tensors", "metadata", "progress", "_stage_bytes", NULL};
+    static char *kwlist[] = {"path", "tensors", "metadata", "progress", "_stage_bytes", "_stage_pinned", NULL};
     PyObject *path = NULL, *tensors = NULL, *metadata = NULL, *progress = Py_None;
     PyObject *fsbytes = NULL, *display = NULL, *result = NULL;
     Py_ssize_t stage_bytes = 0;
+    int stage_pinned = 0;
     SftWriter w = {.st = module_state(module)};
     AtomicFile af = {.fd = -1};
     StreamSink sink = {0};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!O!|$On:st_write", kwlist, &path, &PyDict_Type, &tensors,
-                                     &PyDict_Type, &metadata, &progress, &stage_bytes)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!O!|$Onp:st_write", kwlist, &path, &PyDict_Type, &tensors,
+                                     &PyDict_Type, &metadata, &progress, &stage_bytes, &stage_pinned)) {
         goto done;
     }
     if (stage_bytes < 0 || (size_t)stage_bytes > ((size_t)1 << 30)) {
@@ -721,6 +757,7 @@ sft_write(PyObject *module, PyObject *args, PyObject *kwargs)
     w.display = display;
     w.progress = progress;
     w.stage_bytes = (size_t)stage_bytes;
+    w.stage_pinned = stage_pinned;
     /* 1. every tensor looked at (no bytes touched yet), 2. the header with zero
      * placeholders for the checksums, 3. the temporary file, 4. header, tensor
      * bytes hashed as they go, final header, commit. */

@@ -84,6 +84,7 @@ def st_write(
     *,
     progress: Callable[[int, int], object] | None = None,
     _stage_bytes: int = ...,
+    _stage_pinned: bool = ...,
 ) -> None: ...
 def st_read(
     path: _Path, *, verify: bool = False, _verify_if_present: bool = False

@@ -291,6 +291,9 @@ BUFFER_PREFIX = "__modelopt_buffer__."
 # What restore does about tensors a load would leave on the meta device: "raise" or "warn"
 # (checkpoint.restore's ``on_meta=`` option, set for the duration of one restore).
 ON_META: contextvars.ContextVar[str] = contextvars.ContextVar("modelopt_c_on_meta", default="raise")
+# Where the tensors restore assigns (a meta model's) are placed: the device map_location
+# names when the weights were left on the CPU (checkpoint.load_for_restore), else None.
+ASSIGN_DEVICE: contextvars.ContextVar[Any] = contextvars.ContextVar("modelopt_c_assign_device", default=None)
 _SHOWN = 5  # names listed in messages before "... (N in all)"
 
 
@@ -497,7 +500,17 @@ def load_state_dict_torch(model: nn.Module, state_dict: dict, source: str) -> No
     """torch's own loader, for modules with custom loading (in place; assign for meta)."""
     if not isinstance(state_dict, dict):
         raise TypeError(f"{source}: model_state_dict is a {type(state_dict).__name__}, not a dict")
-    on_meta = any(t.is_meta for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor))
+    live = model.state_dict(keep_vars=True)
+    on_meta = any(t.is_meta for t in live.values() if isinstance(t, torch.Tensor))
+    device = ASSIGN_DEVICE.get()
+    if on_meta and device is not None:  # what replaces a meta tensor goes to map_location's device
+        moved: dict[int, Any] = {}  # one copy per file tensor: tied entries stay one tensor
+        state_dict = dict(state_dict)
+        for k, v in state_dict.items():
+            if isinstance(v, torch.Tensor) and getattr(live.get(k), "is_meta", False):
+                if id(v) not in moved:
+                    moved[id(v)] = v.to(device)
+                state_dict[k] = moved[id(v)]
     try:
         model.load_state_dict(state_dict, strict=True, assign=on_meta)
     except RuntimeError as exc:
@@ -510,6 +523,9 @@ def assign_tensor(model: nn.Module, key: Any, tensor: torch.Tensor) -> None:
 
     ``key`` may be a tuple of keys: tied slots, which all get the one new tensor."""
     keys = key if isinstance(key, tuple) else (key,)
+    device = ASSIGN_DEVICE.get()
+    if device is not None and tensor.device != device:
+        tensor = tensor.to(device)  # map_location's device: the one copy made of this tensor
     new = None
     for k in keys:
         prefix, _, name = k.rpartition(".")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -38,13 +39,42 @@ _pool: dict[tuple[int, bool], list[torch.Tensor]] = {}
 _pool_lock = threading.Lock()
 
 
+_unpinned_noted = False  # the fallback below was announced (once per process)
+
+
 def _buffer(nbytes: int, pinned: bool) -> torch.Tensor:
-    """A uint8 host tensor of nbytes: one kept from the last save, or a new one."""
+    """A uint8 host tensor of nbytes: one kept from the last save, or a new one.
+
+    ``pinned`` (for a device source) asks for page-locked memory, which lets the copy
+    run without waiting; when none can be had the buffer is plain memory (the copy then
+    waits for the device), said once per process with the reason."""
     with _pool_lock:
         free = _pool.get((nbytes, pinned))
+        if not free and pinned and _unpinned_noted:  # no pinned memory in this process: plain will do
+            free = _pool.get((nbytes, False))
         if free:
             return free.pop()
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    if pinned:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as exc:
+            _note_unpinned(exc)
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def _note_unpinned(exc: BaseException) -> None:
+    global _unpinned_noted
+    if _unpinned_noted:
+        return
+    _unpinned_noted = True
+    reason = " ".join(str(exc).split()).rstrip(".")
+    warnings.warn(
+        f"modelopt_c: no page-locked (pinned) host memory for async_save's copies ({reason}): tensors on the device "
+        "are copied into plain host memory, synchronously (async_save returns later; the file is the same). "
+        "Said once per process.",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _keep(buffers: list[torch.Tensor]) -> None:
@@ -82,9 +112,8 @@ def _copy_storage(src: torch.Tensor) -> torch.Tensor:
     """A host copy of src's whole storage, as a uint8 tensor (from the pool when it can)."""
     storage = src.untyped_storage()
     whole = torch.empty(0, dtype=torch.uint8, device=src.device).set_(storage)
-    pinned = whole.device.type == "cuda"
-    buf = _buffer(storage.nbytes(), pinned)
-    buf.copy_(whole, non_blocking=pinned)
+    buf = _buffer(storage.nbytes(), whole.device.type == "cuda")
+    buf.copy_(whole, non_blocking=buf.is_pinned())  # into plain memory the copy waits for the device
     return buf
 
 

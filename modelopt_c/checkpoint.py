@@ -16,7 +16,7 @@ import pickle
 import re
 import stat
 import sys
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO, Callable, Union
 
 import torch
 import torch.nn as nn
@@ -243,6 +243,12 @@ def torch_load_checked(f: Any, kwargs: dict[str, Any] | None = None) -> Any:
     """
     kwargs = {} if kwargs is None else kwargs
     name = describe_file(f)
+    location = kwargs.get("map_location")
+    restore_location(location, name)  # a map_location of no kind torch.load takes: TypeError, not "corrupted"
+    if isinstance(location, int) and not isinstance(location, bool):
+        kwargs = dict(kwargs, map_location=str(_int_device(location, name)))  # as for the safetensors format
+    elif isinstance(location, dict):  # torch.load matches the values as strings
+        kwargs = dict(kwargs, map_location={k: str(v) for k, v in location.items()})
     try:
         return _torch_load(f, kwargs)
     except (FileNotFoundError, PermissionError, CheckpointError):
@@ -300,24 +306,156 @@ def _callers_fault(exc: BaseException, kwargs: dict[str, Any]) -> bool:
 # ---- reading a checkpoint ----------------------------------------------------------------
 
 
-def _st_map_location(weights: dict, map_location: Any, name: str) -> dict:
-    """``map_location`` for the safetensors format: a device (str, int or torch.device).
+# ---- map_location ---------------------------------------------------------------------
 
-    The tensors come memory-mapped on the CPU; for another device they are moved
-    there, as ``torch.load(map_location=...)`` would place them (a model on that
-    device is then filled from them, a meta model gets them as its weights).
+# Where the safetensors-compatible format's tensors were saved from, as torch.load's
+# map_location sees it: the file stores bytes, read on the CPU (docs/FORMAT.md).
+ST_LOCATION = "cpu"
+
+
+def restore_location(map_location: Any, name: str) -> Callable[[Any, str], Any]:
+    """``map_location`` as the function torch.load applies to each storage: (storage, location tag) -> storage.
+
+    Every form torch.load takes: None (each storage to its saved location), a device
+    (str, torch.device, or an int: that accelerator), a dict {saved location: location}
+    (e.g. ``{"cpu": "cuda:0"}``), or a function(storage, location) called with the
+    storage read on the CPU and its saved location, returning a storage (already where
+    it belongs) or None (then the saved location, as without map_location).  Devices
+    go through ``torch.serialization.default_restore_location``: torch's own checks
+    and messages.  Anything else is a TypeError naming the file ``name``.
     """
+    default = torch.serialization.default_restore_location
     if map_location is None:
-        return weights
-    if not isinstance(map_location, (str, int, torch.device)):
-        raise TypeError(
-            f"{name}: for the safetensors-compatible format map_location must be a device "
-            f"(str, int or torch.device), not {type(map_location).__name__}."
-        )
-    device = torch.device(map_location)
-    if device.type == "cpu":
-        return weights
-    return {k: v.to(device) for k, v in weights.items()}
+        return default
+    if isinstance(map_location, (str, torch.device)) or (
+        isinstance(map_location, int) and not isinstance(map_location, bool)
+    ):
+        where = str(_int_device(map_location, name) if isinstance(map_location, int) else map_location)
+        return lambda storage, location: default(storage, where)
+    if isinstance(map_location, dict):
+        bad = [f"{k!r}: {v!r}" for k, v in map_location.items()
+               if not isinstance(k, str) or not isinstance(v, (str, torch.device))]
+        if bad:
+            raise TypeError(
+                f"{name}: a map_location dict maps saved locations to locations, both device strings such as "
+                f"{{'cpu': 'cuda:0'}} (as for torch.load); not {', '.join(bad[:3])}."
+            )
+        table = {k: str(v) for k, v in map_location.items()}
+        return lambda storage, location: default(storage, table.get(location, location))
+    if callable(map_location):
+        def call(storage: Any, location: str) -> Any:
+            result = map_location(storage, location)
+            if result is None:  # torch.load's contract: as if map_location were not given
+                return default(storage, location)
+            if isinstance(result, torch.TypedStorage):
+                result = result._untyped_storage
+            if not isinstance(result, torch.UntypedStorage):
+                raise TypeError(
+                    f"{name}: the map_location function returned a {type(result).__name__}; as for torch.load it "
+                    "must return a storage (e.g. storage.cuda(1), or the storage itself) or None."
+                )
+            if result.nbytes() != storage.nbytes():
+                raise ValueError(
+                    f"{name}: the map_location function returned a storage of {result.nbytes()} bytes for one of "
+                    f"{storage.nbytes()}; it must return the storage it was given, moved (e.g. storage.cuda(1)), or None."
+                )
+            return result
+        return call
+    raise TypeError(
+        f"{name}: map_location must be a device (str, int or torch.device), a dict {{saved location: location}} "
+        f"or a function(storage, location) as for torch.load, not {type(map_location).__name__}."
+    )
+
+
+def _int_device(index: int, name: str) -> torch.device:
+    try:
+        return torch.device(index)
+    except RuntimeError as exc:  # no accelerator: torch's message, with the file
+        exc.add_note(f"restoring {name} with map_location={index!r}: pass map_location='cpu' on a machine without one.")
+        raise
+
+
+def fixed_target(restore: Callable[[Any, str], Any], location: str, name: str) -> torch.device:
+    """The one device ``restore`` puts storages saved at ``location`` on (a device or dict map_location).
+
+    Found by mapping an empty storage: torch checks the device there and then (its
+    RuntimeError when absent, the file named in a note), and nothing is copied."""
+    try:
+        return restore(torch.UntypedStorage(0), location).device
+    except RuntimeError as exc:
+        exc.add_note(f"restoring {name}: map_location names a device that is not there; e.g. map_location='cpu'.")
+        raise
+
+
+def map_tensors(obj: Any, restore: Callable[[Any, str], Any], location: str = ST_LOCATION,
+                memo: dict | None = None) -> Any:
+    """``obj`` with every tensor in it (dicts, lists, tuples) placed by ``restore``, as torch.load would.
+
+    One call of ``restore`` per storage: tensors that share memory (tied weights, views)
+    still share it after the move, and the same tensor object maps to one tensor.
+    Unchanged containers are returned as they are."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        return _map_tensor(obj, restore, location, memo)
+    if isinstance(obj, dict):
+        out = None
+        for key, value in obj.items():
+            new = map_tensors(value, restore, location, memo)
+            if new is not value:
+                out = obj.copy() if out is None else out
+                out[key] = new
+        return obj if out is None else out
+    if isinstance(obj, (list, tuple)):
+        items = [map_tensors(value, restore, location, memo) for value in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        if isinstance(obj, list):
+            return type(obj)(items) if type(obj) is not list else items
+        make = getattr(type(obj), "_make", None)  # a namedtuple takes its fields one by one
+        return make(items) if make is not None else type(obj)(items)
+    return obj
+
+
+def _map_tensor(t: torch.Tensor, restore: Callable[[Any, str], Any], location: str, memo: dict) -> torch.Tensor:
+    if id(t) in memo:
+        return memo[id(t)][1]
+    if t.layout is not torch.strided or t.is_quantized or type(t) not in (torch.Tensor, nn.Parameter):
+        # sparse, quantized, subclasses: no one storage to hand over; placed where an empty one goes
+        out = t.to(restore(torch.UntypedStorage(0), location).device)
+    else:
+        storage = t.untyped_storage()
+        key = ("storage", storage.device, storage.data_ptr(), storage.nbytes())
+        if storage.data_ptr() != 0 and key in memo:
+            new = memo[key][1]
+        else:
+            new = restore(storage, location)
+            memo[key] = (storage, new)
+        if new.data_ptr() == storage.data_ptr() and new.device == storage.device:
+            out = t
+        else:
+            out = torch.empty(0, dtype=t.dtype, device=new.device).set_(new, t.storage_offset(), t.size(), t.stride())
+            if isinstance(t, nn.Parameter):
+                out = nn.Parameter(out, requires_grad=t.requires_grad)
+    memo[id(t)] = (t, out)  # t held: its id stays its own while the memo lives
+    return out
+
+
+def placement(kind: str, kwargs: dict[str, Any], name: str) -> tuple[Callable | None, torch.device | None]:
+    """(the storage mapper for ``map_location``, the one device it names, or None).
+
+    The torch format without map_location loads onto the CPU (this module's default);
+    with None, a dict or a function its location tags decide, so torch.load places it
+    (the mapper is then None).  The safetensors format's tensors are all saved at
+    ``ST_LOCATION``: any form but a function names one device."""
+    if kind == "safetensors":
+        location = kwargs.get("map_location")
+        restore = restore_location(location, name)
+        return restore, None if callable(location) else fixed_target(restore, ST_LOCATION, name)
+    location = kwargs.get("map_location", "cpu")
+    if location is None or isinstance(location, dict) or callable(location):
+        return None, None
+    restore = restore_location(location, name)
+    return restore, fixed_target(restore, ST_LOCATION, name)
 
 
 def load_checkpoint(
@@ -327,10 +465,30 @@ def load_checkpoint(
 
     ``kwargs``: restore's options: ``verify`` (ours: the safetensors format's per-tensor
     checksums, on by default; torch's format has none, see ``python -m modelopt_c
-    verify``), the rest for ``torch.load`` (``map_location`` also moves safetensors
-    tensors).  ``plain=True`` (the CLI) also takes a plain state dict, saved by torch or
+    verify``), the rest for ``torch.load`` (``map_location``, in every form torch.load
+    takes, also places safetensors tensors and those in the modelopt state).
+    ``plain=True`` (the CLI) also takes a plain state dict, saved by torch or
     safetensors: its modelopt_state is then None.  ``buffers=True`` (restore) keeps the
     safetensors format's non-persistent buffers in the weights, under ``_runtime.BUFFER_PREFIX``.
+    """
+    state, weights, device = load_for_restore(f, kwargs, plain=plain, buffers=buffers)
+    if device is not None:
+        restore = restore_location(device, describe_file(f))
+        weights = map_tensors(weights, restore)
+    return state, weights
+
+
+def load_for_restore(
+    f: Any, kwargs: dict[str, Any] | None = None, *, plain: bool = False, buffers: bool = False
+) -> tuple[Any, dict, torch.device | None]:
+    """``load_checkpoint`` for restore: (modelopt_state, weights, device).
+
+    When ``map_location`` names one device other than the CPU, the weights stay on the
+    CPU (memory-mapped) and that device is returned: restore copies them straight into
+    a model's own tensors (``copy_`` goes host to device), and only tensors it assigns
+    (a meta model's) are placed on it (``restore_weights(device=)``): no second copy of
+    the weights on the device.  The modelopt state's tensors are placed as torch.load
+    would place them.  Otherwise ``device`` is None and every tensor is already placed.
     """
     kwargs = dict(kwargs or {})
     name = describe_file(f)
@@ -338,13 +496,29 @@ def load_checkpoint(
     if kind is None:
         raise _not_a_checkpoint(f)
     verify = kwargs.pop("verify", True)
+    restore, target = placement(kind, kwargs, name)
+    if target is not None:
+        kwargs["map_location"] = "cpu"  # placed below (and torch_zip's fast reader serves the torch format)
+    memo: dict = {}
     if kind == "safetensors":
         from . import st_format
 
         if not _is_path(f):
             raise TypeError(f"{name}: restoring the safetensors-compatible format needs a file path.")
         state, weights = st_format.load_file(f, verify=verify, plain=plain, buffers=buffers)
-        return state, _st_map_location(weights, kwargs.get("map_location"), name)
+    else:
+        state, weights = _torch_checkpoint(f, kwargs, plain, name)
+    device = None
+    if restore is not None and (target is None or target.type != "cpu"):
+        state = map_tensors(state, restore, ST_LOCATION, memo)
+        if target is None:  # a function: called once per storage, as torch.load does
+            weights = map_tensors(weights, restore, ST_LOCATION, memo)
+        else:
+            device = target
+    return state, weights, device
+
+
+def _torch_checkpoint(f: Any, kwargs: dict[str, Any], plain: bool, name: str) -> tuple[Any, dict]:
     objs = torch_load_checked(f, kwargs)
     if isinstance(objs, dict) and "model_state_dict" in objs and ("modelopt_state" in objs or plain):
         return objs.get("modelopt_state"), objs["model_state_dict"]
@@ -452,21 +626,26 @@ def _save_torch_progress(f: Any, ckpt: dict, kwargs: dict, progress: Any) -> Non
 
 
 def restore_weights(
-    model: nn.Module, state: Any, weights: Any, name: str, on_meta: Any = "raise", progress: Any = None
+    model: nn.Module, state: Any, weights: Any, name: str, on_meta: Any = "raise", progress: Any = None,
+    device: Any = None,
 ) -> nn.Module:
     """The modes replayed and the weights loaded, as one transaction (restore, hf.restore_folder).
 
     ``on_meta``: what to do when a tensor would be left on the meta device ("raise" or "warn").
+    ``device`` (load_for_restore's): where the tensors the model adopts (a meta model's)
+    go; the rest are copied from ``weights`` where they are into the model's own tensors.
     A model that is already converted gets a note saying to restore into a fresh one."""
     if on_meta not in ("raise", "warn"):
         raise ValueError(f"on_meta must be 'raise' or 'warn', not {on_meta!r}.")
     token = _runtime.ON_META.set(on_meta)
+    device_token = _runtime.ASSIGN_DEVICE.set(None if device is None else torch.device(device))
     try:
         return _conversion._restore_from_state(model, state, weights, name, progress=progress)
     except AssertionError as exc:
         _note_fresh_model(exc)
         raise
     finally:
+        _runtime.ASSIGN_DEVICE.reset(device_token)
         _runtime.ON_META.reset(token)
 
 
@@ -556,7 +735,17 @@ def restore(model: Any, f: FileLike, **kwargs: Any) -> nn.Module:
     from the file runs; pass ``weights_only=False`` yourself only for a trusted file),
     and paths are memory-mapped, so the peak memory is the model plus one tensor.  A
     model built on the meta device gets its tensors straight from the file.
-    ``map_location`` defaults to ``'cpu'``; ``verify`` (default True) checks the
+    ``map_location`` defaults to ``'cpu'`` and takes every form ``torch.load`` takes: a
+    device (``'cuda:1'``, ``torch.device``, or an int: that accelerator), a dict
+    ``{saved location: location}`` (the safetensors format's tensors are saved at
+    ``'cpu'``: ``{'cpu': 'cuda:0'}``), or a function ``(storage, location)`` given each
+    storage read on the CPU and its saved location, returning the storage placed, or
+    None for the saved location.  It places the tensors in the modelopt state too.  A
+    device is where a meta model's tensors go; a model with data is filled in place
+    from the mapped file (host to device: no copy of the weights on the device first).
+    A function is called for every tensor first, as torch.load does; for the torch
+    format a dict (or None) goes by each storage's saved location, through torch.load.
+    ``verify`` (default True) checks the
     safetensors format's checksums; ``progress`` as for ``save`` (bytes copied into the
     model).  Every key, shape, dtype and kind is checked before
     the first byte is copied: RuntimeError in torch's load_state_dict wording listing
@@ -587,13 +776,13 @@ def restore(model: Any, f: FileLike, **kwargs: Any) -> nn.Module:
     on_meta = kwargs.pop("on_meta", "raise")
     progress = kwargs.pop("progress", None)
     model = _runtime.unwrap(_runtime.as_module(model), "raise")
-    state, weights = load_checkpoint(f, kwargs, buffers=True)
+    state, weights, device = load_for_restore(f, kwargs, buffers=True)
     from .progress import reporting
 
     name = os.path.basename(os.fspath(f)) if _is_path(f) else "checkpoint"
     with reporting(progress, f"restoring {name}") as hook:
         # the modes are replayed and the weights loaded as one transaction
-        return restore_weights(model, state, weights, describe_file(f), on_meta, progress=hook)
+        return restore_weights(model, state, weights, describe_file(f), on_meta, progress=hook, device=device)
 
 
 def load_modelopt_state(modelopt_state_path: FileLike, **kwargs: Any) -> dict[str, Any]:

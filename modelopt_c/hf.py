@@ -19,7 +19,6 @@ import threading
 import types
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from . import _conversion, _runtime
@@ -27,6 +26,8 @@ from .checkpoint import (
     CheckpointError,
     describe_file,
     load_modelopt_state,
+    map_tensors,
+    placement,
     restore_weights,
     save_torch_file,
     torch_load_checked,
@@ -235,8 +236,13 @@ def _shard_names(index_path: str, where: str) -> list[str]:
     return names
 
 
-def _read_weights(folder: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The state dict of a save_pretrained folder (one file or the shards of an index)."""
+def _read_weights(folder: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(the state dict of a save_pretrained folder (one file or the shards of an index), device).
+
+    ``map_location`` as restore's (checkpoint.load_for_restore): a device other than the
+    CPU is returned, the weights left on the CPU for restore to copy in (or place, for
+    a meta model's); a function places each tensor now; the torch format's dict and None
+    go to torch.load."""
     where = describe_file(folder)
     verify = kwargs.pop("verify", True)
     for name, is_index in _WEIGHT_FILES:
@@ -244,6 +250,9 @@ def _read_weights(folder: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         if not os.path.isfile(path):
             continue
         files = [os.path.join(folder, n) for n in _shard_names(path, where)] if is_index else [path]
+        kind = "safetensors" if name.startswith("model.safetensors") else "torch"
+        restore, target = placement(kind, kwargs, where)
+        load_kwargs = dict(kwargs, map_location="cpu") if target is not None else kwargs
         weights: dict[str, Any] = {}
         for file in files:
             if name.startswith("model.safetensors"):
@@ -254,14 +263,13 @@ def _read_weights(folder: str, kwargs: dict[str, Any]) -> dict[str, Any]:
                     _, tensors = st_format.split_tensors(tensors, file)
                     st_format.add_aliases(metadata, tensors, file)
             else:
-                tensors = torch_load_checked(file, kwargs)
+                tensors = torch_load_checked(file, load_kwargs)
                 if not isinstance(tensors, dict):
                     raise CheckpointError(f"{describe_file(file)}: not a state dict ({type(tensors).__name__}).")
             weights.update(tensors)
-        location = kwargs.get("map_location")
-        if isinstance(location, (str, int, torch.device)) and torch.device(location).type != "cpu":
-            weights = {k: v.to(location) for k, v in weights.items()}
-        return weights
+        if restore is not None and target is None:  # a function: each tensor placed where it says
+            return map_tensors(weights, restore), None
+        return weights, target if target is not None and target.type != "cpu" else None
     raise CheckpointError(
         f"{where} has no weights that save_pretrained writes ({', '.join(n for n, _ in _WEIGHT_FILES)}): "
         "restore takes a complete save_pretrained folder."
@@ -316,6 +324,6 @@ def restore_folder(model: Any, folder: Any, **kwargs: Any) -> nn.Module:
     model = _runtime.unwrap(_runtime.as_module(model), "raise")
     kwargs = dict(kwargs)
     state = load_modelopt_state(state_path, **{k: v for k, v in kwargs.items() if k == "map_location"})
-    weights = _read_weights(folder, kwargs)
+    weights, device = _read_weights(folder, kwargs)
     _add_tied(model, weights)
-    return restore_weights(model, state, weights, where, on_meta)
+    return restore_weights(model, state, weights, where, on_meta, device=device)

@@ -25,7 +25,7 @@ import re
 from typing import Any
 
 from . import _conversion
-from .checkpoint import CheckpointError, describe_file, sniff_format, torch_load_checked
+from .checkpoint import CheckpointError, describe_file, map_tensors, restore_location, sniff_format, torch_load_checked
 
 __all__ = ["EXTRA_PREFIX", "checkpoint_series", "load_extra", "rotate"]
 
@@ -111,17 +111,19 @@ def load_extra(f: Any, **kwargs: Any) -> dict[str, Any]:
     Loaded safely: torch-format files with weights_only=True (``map_location`` 'cpu'
     unless given; pass ``weights_only=False`` only for a trusted file), the
     safetensors format through its validating reader (``verify``: checksums, on by
-    default).  Every defect of the file is a CheckpointError naming it.
+    default; ``map_location`` in every form torch.load takes places its tensors, saved at 'cpu').  Every defect of the file is a CheckpointError naming it.
     """
     name = describe_file(f)
     kind = sniff_format(f, "load_extra")
     if kind == "safetensors":
         from . import st_format
 
+        restore = restore_location(kwargs.pop("map_location", None), name)  # checked before the file is read
         metadata, tensors = _conversion.st_read(f, verify=kwargs.pop("verify", True), _verify_if_present=True)
         extra_tensors, _ = split_extra(tensors)
         if metadata.get("format") != st_format.FORMAT_NAME:
             raise CheckpointError(f"{name}: a plain safetensors file, not a modelopt_c checkpoint: it holds no extra")
+        extra_tensors = map_tensors(extra_tensors, restore)  # e.g. an optimizer's state onto the GPU
         return decode_extra(metadata, extra_tensors, os.fspath(f))
     if kind is None:
         raise CheckpointError(f"{name} is not a checkpoint (neither torch's format nor safetensors): nothing was loaded.")

@@ -156,3 +156,25 @@ def test_the_next_save_copies_into_the_last_ones_buffers(tmp_path):
     assert all(torch.equal(p, torch.full_like(p, 1.0)) for p in restored(tmp_path / "a.pt").parameters())
     mto.wait_for_saves(release=True)
     assert background._pool == {}
+
+
+def test_without_pinned_memory_the_buffers_are_plain_and_it_is_said_once(monkeypatch, recwarn):
+    # a device source asks for page-locked buffers; without them (no accelerator here, or
+    # none left) the copy goes to plain memory and a UserWarning says so, once per process
+    monkeypatch.setattr(background, "_unpinned_noted", False)
+    monkeypatch.setattr(background, "_pool", {})
+    first, second = background._buffer(64, True), background._buffer(32, True)
+    assert first.numel() == 64 and second.numel() == 32 and first.dtype == torch.uint8
+    notes = [w for w in recwarn if "page-locked" in str(w.message)]
+    if torch.cuda.is_available():
+        assert first.is_pinned() and not notes
+        return
+    assert not first.is_pinned() and len(notes) == 1 and notes[0].category is UserWarning
+    assert str(notes[0].message) == (
+        "modelopt_c: no page-locked (pinned) host memory for async_save's copies (pin_memory=True requires a CUDA "
+        "or other accelerator backend; no pinned memory allocator is available on this system): tensors on the "
+        "device are copied into plain host memory, synchronously (async_save returns later; the file is the same). "
+        "Said once per process."
+    )
+    background._keep([first])  # a finished save gives it back: the next device copy takes it
+    assert background._buffer(64, True).data_ptr() == first.data_ptr()

@@ -309,3 +309,18 @@ def test_the_reference_keyword_arguments_and_real_signatures(converted, tmp_path
         mto.restore_from_modelopt_state(TinyNet())
     with pytest.raises(TypeError, match="missing 1 required positional argument: 'f'"):
         mto.save(converted)
+
+
+def test_load_modelopt_state_takes_map_location_as_torch_load(converted, tmp_path):
+    state = mto.modelopt_state(converted)
+    state["modelopt_state_dict"][0][1]["metadata"]["scale"] = torch.arange(3.0)  # a mode's tensor
+    path = tmp_path / "state.pth"
+    torch.save(state, path)
+    for location in ("meta", torch.device("meta"), {"cpu": "meta"}, {"cpu": torch.device("meta")},
+                     lambda s, loc: torch.UntypedStorage(s.nbytes(), device="meta")):
+        loaded = mto.load_modelopt_state(path, map_location=location)
+        assert loaded["modelopt_state_dict"][0][1]["metadata"]["scale"].device.type == "meta"
+    assert torch.equal(mto.load_modelopt_state(path)["modelopt_state_dict"][0][1]["metadata"]["scale"], torch.arange(3.0))
+    with pytest.raises(TypeError, match=r"state\.pth': map_location must be a device \(str, int or torch\.device\), a "
+                       r"dict \{saved location: location\} or a function\(storage, location\) as for torch\.load, not list\."):
+        mto.load_modelopt_state(path, map_location=["cpu"])

@@ -271,3 +271,29 @@ def test_restore_of_a_pytorch_model_bin_folder_fills_declared_ties(tmp_path, ske
     restored = mto.restore(_build("llama", skeleton), tmp_path)
     assert _tied(restored)
     assert torch.equal(_logits(restored), expected)
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_restore_of_a_folder_with_map_location(tmp_path, clean_patches, weights):
+    """map_location as for restore(file): a device leaves the weights on the CPU for a model
+    with data (copied straight in: were they moved to "meta" first, that copy would fail)
+    and places what a skeleton adopts; a function is called for each tensor of the shards."""
+    model, expected = _converted("llama", "int8")
+    if weights == "safetensors":
+        mto.enable_huggingface_checkpointing()
+        model.save_pretrained(tmp_path, max_shard_size="20KB")
+    else:
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+        torch.save(mto.modelopt_state(model), tmp_path / "modelopt_state.pth")
+        model.config.to_json_file(tmp_path / "config.json")
+    restored = mto.restore(_build("llama"), tmp_path, map_location="meta")
+    assert torch.equal(_logits(restored), expected)
+    skeleton = mto.restore(_build("llama", "empty"), tmp_path, map_location=torch.device("meta"))
+    assert skeleton.lm_head.weight.device.type == "meta" and _tied(skeleton)
+    assert skeleton.model.rotary_emb.inv_freq.device.type == "cpu"  # the skeleton's own buffer, kept
+    if weights == "safetensors":
+        calls = []
+        restored = mto.restore(_build("llama"), tmp_path, map_location=lambda s, loc: calls.append(loc))
+        assert torch.equal(_logits(restored), expected)
+        assert calls and set(calls) == {"cpu"}
+        assert len(calls) == len({k for k in model.state_dict() if k != "lm_head.weight"})  # the tie stored once

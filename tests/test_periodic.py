@@ -63,6 +63,25 @@ def test_extra_round_trip(tmp_path, name):
         assert info["extra_tensors"]["count"] == 4 * 3 + 1 and "extra" in info["metadata"]
 
 
+@pytest.mark.parametrize("name", ["c.pt", "c.safetensors"])
+def test_load_extra_takes_map_location_as_torch_load(tmp_path, name):
+    model, extra = _trained()
+    path = tmp_path / name
+    mto.save(model, path, extra=extra)
+    got = mto.load_extra(path, map_location="meta")
+    state = got["optimizer"]["state"][0]
+    assert state["exp_avg"].device.type == "meta" and state["exp_avg"].shape == (8, 8)
+    assert got["step"] == 7 and got["rng"].device.type == "meta"
+    calls = []
+    got = mto.load_extra(path, map_location=lambda storage, location: calls.append(location))
+    assert _same(got, extra) and calls and set(calls) == {"cpu"}
+    assert _same(mto.load_extra(path, map_location={"cpu": "cpu"}), extra)
+    with pytest.raises(TypeError, match=rf"{name}': map_location must be a device \(str, int or torch\.device\), a "
+                       r"dict \{saved location: location\} or a function\(storage, location\) as for torch\.load, "
+                       r"not float\."):
+        mto.load_extra(path, map_location=1.5)
+
+
 def test_without_extra_load_extra_is_empty(tmp_path):
     model, _ = _trained()
     for name in ("a.pt", "a.safetensors"):

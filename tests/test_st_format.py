@@ -120,7 +120,7 @@ def test_staged_writes_are_byte_identical(tmp_path, chunk):
     # which stage a chunk per byte: still thousands of chunks, in a fraction of the time)
     scale = 100 if chunk < 64 else 1
     src["big"] = torch.arange(300_001 // scale, dtype=torch.float32)
-    src["big_strided"] = torch.arange(2 * (70_003 // scale), dtype=torch.int16)[::2]  # contiguous copy once
+    src["big_strided"] = torch.arange(2 * (70_003 // scale), dtype=torch.int16)[::2]  # gathered chunk by chunk
     direct, staged = tmp_path / "direct.safetensors", tmp_path / "staged.safetensors"
     _conversion.st_write(direct, src, {"k": "v"})
     calls = []
@@ -131,6 +131,85 @@ def test_staged_writes_are_byte_identical(tmp_path, chunk):
         assert same(t, out[name]), name
     total = sum(t.numel() * t.element_size() for t in src.values())
     assert calls[-1] == (total, total)
+
+
+def non_contiguous_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "transposed": torch.randn(37, 29, generator=g).t(),
+        "permuted": torch.randn(3, 5, 7, 11, generator=g).permute(3, 1, 0, 2),
+        "sliced": torch.arange(1000, dtype=torch.int16)[3::7],
+        "rows_sliced": torch.randn(9, 13, generator=g)[:, 2:11],  # inner rows cut, each a run of its own
+        "expanded": torch.arange(6.0).reshape(1, 6).expand(40, 6),  # stride 0: never made whole
+        "expanded_inner": torch.arange(5, dtype=torch.float64).reshape(5, 1).expand(5, 9),
+        "stepped_view": torch.randn(8, 8, generator=g).t()[1:7, ::2],
+        "bool": (torch.randn(11, 7, generator=g) > 0).t(),
+        "half": torch.randn(6, 17, generator=g).to(torch.float16).t(),
+        "scalar_view": torch.arange(10.0)[4],  # 0-dim
+        "one_element": torch.randn(3, 4, generator=g)[1:2, 2:3],
+        "empty": torch.empty(0, 4).t(),
+        "empty_expanded": torch.ones(1, 0).expand(3, 0),
+    }
+
+
+# Non-contiguous tensors are written chunk by chunk, each chunk gathering only the
+# elements it holds (never a contiguous copy of the whole tensor: on a GPU that was a
+# second copy of it).  Pieces start and end mid-element at odd chunk sizes.  The file
+# must be the one the contiguous tensors give, byte for byte.
+@pytest.mark.parametrize("chunk", [None, 1, 2, 3, 5, 7, 64, 1000, 1 << 20])
+def test_non_contiguous_tensors_are_written_byte_identically(tmp_path, chunk):
+    src = non_contiguous_tensors()
+    # (a 0-dim or one-element view, and empty tensors, count as contiguous whatever their strides)
+    assert [k for k, t in src.items() if t.is_contiguous()] == ["scalar_view", "one_element", "empty", "empty_expanded"]
+    direct, written = tmp_path / "contiguous.safetensors", tmp_path / "views.safetensors"
+    _conversion.st_write(direct, {k: t.contiguous() for k, t in src.items()}, {"k": "v"})
+    kwargs = {} if chunk is None else {"_stage_bytes": chunk}
+    _conversion.st_write(written, src, {"k": "v"}, **kwargs)
+    assert written.read_bytes() == direct.read_bytes()
+    _, out = _conversion.st_read(written, verify=True)
+    for name, t in src.items():
+        assert same(t, out[name]), name
+
+
+def test_a_non_contiguous_tensor_of_several_default_chunks(tmp_path):
+    # 12 MB across the 8 MiB chunk: the second chunk starts inside a row of the transposed view
+    big = torch.arange(3001 * 1000, dtype=torch.float32).reshape(3001, 1000).t()
+    direct, written = tmp_path / "contiguous.safetensors", tmp_path / "view.safetensors"
+    _conversion.st_write(direct, {"big": big.contiguous(), "tail": torch.ones(3)}, {})
+    _conversion.st_write(written, {"big": big, "tail": torch.ones(3)}, {})
+    assert written.read_bytes() == direct.read_bytes()
+
+
+def test_without_pinned_memory_staging_falls_back_and_says_so_once(tmp_path):
+    # _stage_pinned asks for page-locked staging buffers as a device tensor does; without an
+    # accelerator there are none, so the writer falls back to plain buffers: one UserWarning
+    # per process (a fresh interpreter), the files unchanged
+    script = f"""
+import warnings, torch
+from modelopt_c import _conversion
+src = {{"a": torch.arange(100.0).reshape(10, 10).t(), "b": torch.ones(7)}}
+_conversion.st_write({str(tmp_path / 'ref.safetensors')!r}, {{k: v.contiguous() for k, v in src.items()}}, {{}})
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for name in ("one", "two"):
+        _conversion.st_write({str(tmp_path)!r} + "/" + name + ".safetensors", src, {{}}, _stage_bytes=64,
+                             _stage_pinned=True)
+print(torch.cuda.is_available())
+for w in caught:
+    print(w.category.__name__, w.message)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
+    ref = (tmp_path / "ref.safetensors").read_bytes()
+    assert (tmp_path / "one.safetensors").read_bytes() == ref == (tmp_path / "two.safetensors").read_bytes()
+    if out[0] == "True":  # pinned buffers were had
+        assert out[1:] == []
+        return
+    assert out[1:] == [
+        "UserWarning modelopt_c: no page-locked (pinned) host memory for the staging buffers (pin_memory=True "
+        "requires a CUDA or other accelerator backend; no pinned memory allocator is available on this system): "
+        "tensors on the device are saved through plain host buffers, with synchronous copies that no longer overlap "
+        "the writes (slower; the file is the same). Said once per process."
+    ]
 
 
 def test_staged_write_errors_leave_the_old_file(tmp_path):
@@ -158,6 +237,22 @@ def test_cuda_tensors_are_staged_through_pinned_buffers(tmp_path):
     _conversion.st_write(tmp_path / "cpu.safetensors", src, {})
     _conversion.st_write(tmp_path / "gpu.safetensors", on_gpu, {})
     assert (tmp_path / "gpu.safetensors").read_bytes() == (tmp_path / "cpu.safetensors").read_bytes()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_non_contiguous_tensors_are_gathered_chunk_by_chunk(tmp_path):
+    src = non_contiguous_tensors()
+    src["big"] = torch.randn(4001, 1000).t()  # 16 MB across the 8 MiB chunks
+    on_gpu = {k: v.cuda() for k, v in src.items()}
+    _conversion.st_write(tmp_path / "cpu.safetensors", {k: v.contiguous() for k, v in src.items()}, {})
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    _conversion.st_write(tmp_path / "gpu.safetensors", on_gpu, {})
+    grown = torch.cuda.max_memory_allocated() - before
+    assert (tmp_path / "gpu.safetensors").read_bytes() == (tmp_path / "cpu.safetensors").read_bytes()
+    # at most a chunk (plus two elements) gathered at a time: never a contiguous copy of "big"
+    assert grown <= (8 << 20) + 4096 < src["big"].nbytes, grown
 
 
 def test_pathlike_and_progress(tmp_path):
