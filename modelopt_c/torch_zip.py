@@ -24,6 +24,7 @@ import mmap
 import os
 import pickle
 import struct
+import types
 import zlib
 from collections import OrderedDict
 from typing import Any
@@ -539,6 +540,30 @@ class _ZipWriter:
         self.sink.write(body + tail)
 
 
+# What a checkpoint's pickle holds by the million: never a storage (torch's persistent_id
+# answers None for them), so the pickler need not ask it (1.1 M calls at 50,000 tensors,
+# 3.9 s of a 9 s save under the profiler).
+_NEVER_STORAGES = frozenset({int, float, str, bytes, bool, type(None), tuple, list, dict, OrderedDict, torch.Size,
+                             torch.dtype, torch.device, types.FunctionType, types.BuiltinFunctionType, type})
+
+
+class _Pickler(pickle.Pickler):
+    """The base of the pickler ``torch.serialization._save`` defines: its ``persistent_id``
+    (torch's own, unchanged) is asked only about objects that could be storages."""
+
+    def __init__(self, file: Any, protocol: int) -> None:
+        torch_persistent_id = self.persistent_id  # torch's subclass method, bound
+
+        def persistent_id(obj: Any) -> Any:
+            return None if obj.__class__ in _NEVER_STORAGES else torch_persistent_id(obj)
+
+        self.persistent_id = persistent_id  # type: ignore[method-assign]  # what the C pickler calls
+        super().__init__(file, protocol)
+
+
+_PICKLE_MODULE = types.SimpleNamespace(Pickler=_Pickler)
+
+
 def archive_name(path: Any) -> str:
     """The folder torch.save names inside the zip: the file's name without its extension;
     "archive" for a name that is not ASCII (torch writes those through a file object) or
@@ -561,7 +586,7 @@ def save(obj: Any, path: Any, archive: str) -> bool:
     with StreamFile(path) as sink:  # O_DIRECT unless MODELOPT_C_DIRECT_IO=0
         writer = _ZipWriter(sink, archive)
         try:
-            torch.serialization._save(obj, writer, pickle, 2, False)
+            torch.serialization._save(obj, writer, _PICKLE_MODULE, 2, False)
         except _Unsupported:
             return False
         writer.write_end_of_file()
