@@ -8,6 +8,7 @@ and nvidia-modelopt read them, with every record's data 64-byte aligned.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import struct
 import zipfile
@@ -191,3 +192,17 @@ def test_stream_file_without_direct_io(tmp_path):
             assert open(shm, "rb").read() == b"xyz" * 7000
         finally:
             os.unlink(shm)
+
+
+def test_torchs_persistent_id_is_asked_only_about_possible_storages():
+    asked = []
+
+    class Like(torch_zip._Pickler):  # what torch.serialization._save derives from our base
+        def persistent_id(self, obj):
+            asked.append(type(obj).__name__)
+            return ("storage", obj.nbytes()) if isinstance(obj, torch.UntypedStorage) else None
+
+    buf = io.BytesIO()
+    Like(buf, 2).dump({"n": [1, 2.5, "s", None, True, (b"x",)], "s": torch.UntypedStorage(3), "d": torch.float16})
+    assert asked == ["UntypedStorage"]
+    assert b"storage" in buf.getvalue()  # its answer was used
