@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -170,11 +171,10 @@ def test_without_pinned_memory_the_buffers_are_plain_and_it_is_said_once(monkeyp
         assert first.is_pinned() and not notes
         return
     assert not first.is_pinned() and len(notes) == 1 and notes[0].category is UserWarning
-    assert str(notes[0].message) == (
-        "modelopt_c: no page-locked (pinned) host memory for async_save's copies (pin_memory=True requires a CUDA "
-        "or other accelerator backend; no pinned memory allocator is available on this system): tensors on the "
-        "device are copied into plain host memory, synchronously (async_save returns later; the file is the same). "
-        "Said once per process."
-    )
+    # torch's reason in the parentheses varies with the build (CPU wheel, CUDA wheel without a driver)
+    assert re.fullmatch(
+        r"modelopt_c: no page-locked \(pinned\) host memory for async_save's copies \(.+\): tensors on the "
+        r"device are copied into plain host memory, synchronously \(async_save returns later; the file is the "
+        r"same\)\. Said once per process\.", str(notes[0].message)), str(notes[0].message)
     background._keep([first])  # a finished save gives it back: the next device copy takes it
     assert background._buffer(64, True).data_ptr() == first.data_ptr()

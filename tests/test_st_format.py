@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import resource
 import struct
 import subprocess
@@ -204,12 +205,11 @@ for w in caught:
     if out[0] == "True":  # pinned buffers were had
         assert out[1:] == []
         return
-    assert out[1:] == [
-        "UserWarning modelopt_c: no page-locked (pinned) host memory for the staging buffers (pin_memory=True "
-        "requires a CUDA or other accelerator backend; no pinned memory allocator is available on this system): "
-        "tensors on the device are saved through plain host buffers, with synchronous copies that no longer overlap "
-        "the writes (slower; the file is the same). Said once per process."
-    ]
+    # one warning; torch's reason in the parentheses varies with the build (CPU wheel, CUDA wheel without a driver)
+    assert len(out) == 2 and re.fullmatch(
+        r"UserWarning modelopt_c: no page-locked \(pinned\) host memory for the staging buffers \(.+\): "
+        r"tensors on the device are saved through plain host buffers, with synchronous copies that no longer "
+        r"overlap the writes \(slower; the file is the same\)\. Said once per process\.", out[1]), out
 
 
 def test_staged_write_errors_leave_the_old_file(tmp_path):
