@@ -1,6 +1,7 @@
 /* The pipelined, CRC-computing checkpoint writer (see stream_sink.h). */
 #define _GNU_SOURCE
 #include "stream_sink.h"
+#include "safetensors_buf.h" /* sft_write_all: the EINTR- and short-write-proof loop */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -25,23 +26,8 @@ extern uLong crc32_z(uLong crc, const unsigned char *buf, size_t len);
 static int
 pwrite_all(int fd, const unsigned char *data, size_t n, uint64_t off)
 {
-    while (n > 0) {
-        ssize_t w = pwrite(fd, data, n, (off_t)off);
-        if (w < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            return -1;
-        }
-        if (w == 0) {
-            errno = EIO;
-            return -1;
-        }
-        data += w;
-        n -= (size_t)w;
-        off += (uint64_t)w;
-    }
-    return 0;
+    off_t pos = (off_t)off;
+    return sft_write_all(fd, (const char *)data, n, &pos);
 }
 
 /* Write one buffer: with O_DIRECT while the file system takes it (the length and
