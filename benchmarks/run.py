@@ -168,7 +168,7 @@ class Bench:
         given) are recorded as skipped.
         """
         for count in self.settings.counts:
-            layers = max(1, count // 2)
+            layers = count // 2  # _counts: even, at least 2
             params = {"size": f"{2 * layers:,}", "tensors": 2 * layers, "layers": layers}
             folder = self.scratch / f"{2 * layers}_tensors"
             folder.mkdir()
@@ -310,13 +310,13 @@ def _axes(text: str) -> tuple[str, ...]:
 
 
 def _counts(text: str) -> tuple[int, ...]:
-    """``--counts``: comma-separated tensor counts, each at least 2 (the model holds weight and bias pairs)."""
+    """``--counts``: comma-separated tensor counts, even and at least 2 (the layers hold a weight and a bias each)."""
     try:
         counts = tuple(int(c) for c in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give tensor counts as integers, e.g. 1000,10000") from None
-    if any(c < 2 for c in counts):
-        raise argparse.ArgumentTypeError(f"{text!r}: every count must be at least 2")
+    if any(c < 2 or c % 2 for c in counts) or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: every count must be even, at least 2, and given once")
     return counts
 
 
@@ -341,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = args.settings or QUICK
     if args.counts:
         settings = replace(settings, counts=args.counts)
-    if args.reps:
+    if args.reps is not None:
+        if args.reps < 1:
+            parser.error(f"argument --reps: {args.reps}: give at least 1")
         settings = replace(settings, reps=args.reps)
 
     notes: list[str] = []

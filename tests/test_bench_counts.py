@@ -20,7 +20,7 @@ import report  # noqa: E402
 import run  # noqa: E402
 
 
-def test_axes_and_counts_arguments():
+def test_axes_and_counts_arguments(capsys):
     assert run._axes("imports,counts") == ("counts", "imports")  # in AXES order
     assert run._axes(" sizes , counts ") == ("sizes", "counts")
     with pytest.raises(argparse.ArgumentTypeError, match=r"^unknown axis size: choose from sizes, counts, bookkeeping, "
@@ -31,8 +31,13 @@ def test_axes_and_counts_arguments():
     assert run._counts("1000,10000") == (1000, 10000)
     with pytest.raises(argparse.ArgumentTypeError, match=r"^'1k': give tensor counts as integers, e\.g\. 1000,10000$"):
         run._counts("1k")
-    with pytest.raises(argparse.ArgumentTypeError, match=r"^'1000,1': every count must be at least 2$"):
-        run._counts("1000,1")
+    for bad in ("1000,0", "1001", "1000,1000"):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"^'{bad}': every count must be even, at least 2, and "
+                                                              r"given once$"):
+            run._counts(bad)
+    with pytest.raises(SystemExit) as info:
+        run.main(["--reps", "0"])  # refused before any process starts
+    assert info.value.code == 2 and capsys.readouterr().err.endswith(": error: argument --reps: 0: give at least 1\n")
     assert run.QUICK.counts == (1000, 10000) and run.FULL.counts == (1000, 10000, 50000, 100000)
 
 
