@@ -3,6 +3,11 @@
 * ``LinearStack``: a stack of square ``nn.Linear`` layers sized to a byte target,
   for checkpoints.  Each layer holds one known value (weights ``v``, bias ``-v``),
   so a restore can be checked cheaply and exactly (also in bfloat16).
+  For the tensor-count axis the same layers (tiny ones) are nested in a tree of
+  ``nn.Sequential`` with at most ``fanout`` children each, like a transformer's
+  ``model.layers.N.attn.q_proj``: torch's ``load_state_dict`` walks every child of a
+  module over all of that module's keys, so a flat stack of 50,000 layers would
+  measure that square, not a checkpoint format.
 * ``wide_model``: a model with a given number of small modules, for bookkeeping.
 """
 
@@ -33,17 +38,34 @@ def layer_value(index: int) -> float:
     return ((index % 255) + 1) / 256.0
 
 
-def build_stack(n_layers: int, hidden: int, dtype: torch.dtype, filled: bool) -> LinearStack:
+def _nested(layers: list[nn.Module], fanout: int) -> nn.Sequential:
+    """``layers`` in order, grouped into ``nn.Sequential`` levels of at most ``fanout`` children."""
+    while len(layers) > fanout:
+        layers = [nn.Sequential(*layers[i : i + fanout]) for i in range(0, len(layers), fanout)]
+    return nn.Sequential(*layers)
+
+
+def linear_layers(model: nn.Module) -> list[nn.Linear]:
+    """The model's ``nn.Linear`` layers in state-dict order: layer ``i`` holds ``layer_value(i)``."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def build_stack(
+    n_layers: int, hidden: int, dtype: torch.dtype, filled: bool, fanout: int | None = None
+) -> nn.Sequential:
     """A ``LinearStack`` whose memory is allocated and touched (no random init).
 
     ``filled`` gives every layer its known value; otherwise all weights are zero,
-    the state of a freshly built model that a restore will overwrite.
+    the state of a freshly built model that a restore will overwrite.  ``fanout``
+    nests the layers in a tree of ``nn.Sequential`` with at most that many children each.
     """
     with torch.device("meta"):
         model = LinearStack(n_layers, hidden, dtype)
+        if fanout is not None and n_layers > fanout:
+            model = _nested(list(model), fanout)
     model.to_empty(device="cpu")
     with torch.no_grad():
-        for i, layer in enumerate(model):
+        for i, layer in enumerate(linear_layers(model)):
             value = layer_value(i) if filled else 0.0
             layer.weight.fill_(value)
             layer.bias.fill_(-value)
@@ -53,7 +75,7 @@ def build_stack(n_layers: int, hidden: int, dtype: torch.dtype, filled: bool) ->
 def check_stack(model: nn.Module) -> None:
     """Raise ``AssertionError`` unless every layer holds its known value."""
     with torch.no_grad():
-        for i, layer in enumerate(model):
+        for i, layer in enumerate(linear_layers(model)):
             value = layer_value(i)
             for tensor, expected in ((layer.weight, value), (layer.bias, -value)):
                 low, high = tensor.aminmax()

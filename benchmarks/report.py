@@ -33,7 +33,7 @@ def summarize(series: Series) -> dict[str, Any]:
     """The figures of one series, from its samples."""
     samples = series["samples"]
     summary: dict[str, Any] = {"seconds": _stats([s["seconds"] for s in samples])}
-    if samples and "fsync_seconds" in samples[0] and series["group"] == "save":
+    if samples and "fsync_seconds" in samples[0] and series["group"] in ("save", "count save"):
         summary["durable_seconds"] = _stats([s["seconds"] + s["fsync_seconds"] for s in samples])
         summary["file_bytes"] = samples[-1]["file_bytes"]
     if samples and "rss_anon" in samples[0]:
@@ -112,12 +112,31 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _by(all_series: list[Series], group: str) -> list[Series]:
-    return [s for s in all_series if s["group"] == group]
+    """The series of one group in run order of their parameters, then in ``libraries.METHODS`` order."""
+    chosen = [s for s in all_series if s["group"] == group]
+    first = {}
+    for i, s in enumerate(chosen):
+        first.setdefault(json.dumps(s["params"], sort_keys=True), i)
+    order = {m.name: i for i, m in enumerate(libraries.METHODS)}
+    return sorted(chosen, key=lambda s: (first[json.dumps(s["params"], sort_keys=True)], order.get(s["name"], len(order))))
 
 
-def save_table(all_series: list[Series], skips: Skips) -> str:
+def _rate(series: Series, seconds: float) -> str:
+    """GB/s of weights for the size axis, µs per tensor for the count axis."""
+    tensors = series["params"].get("tensors")
+    if tensors:
+        return f"{seconds / tensors * 1e6:.1f}"
+    return f"{series['params']['weight_bytes'] / GB / seconds:.2f}"
+
+
+def _rate_header(group: str) -> str:
+    return "µs per tensor" if group.startswith("count") else "GB/s"
+
+
+def save_table(all_series: list[Series], skips: Skips, group: str = "save") -> str:
+    """The saves of one axis: ``save`` (by size) or ``count save`` (by tensor count)."""
     rows = []
-    for s in _by(all_series, "save"):
+    for s in _by(all_series, group):
         size = s["params"]["size"]
         if not s["samples"]:
             rows.append([size, s["name"], skips.cite(s), "–", "–", "–"])
@@ -130,32 +149,38 @@ def save_table(all_series: list[Series], skips: Skips) -> str:
             s["name"],
             fmt_time(summary["seconds"]),
             fmt_time(summary["durable_seconds"], spread=False),
-            f"{s['params']['weight_bytes'] / GB / summary['durable_seconds']['median']:.2f}",
+            _rate(s, summary["durable_seconds"]["median"]),
             f"{_fmt_ratio(call)} / {_fmt_ratio(durable)}" if call or durable else "–",
         ])
-    header = ["model", "method", "save call", "call + fsync", "GB/s (with fsync)", "speedup vs nvidia (call / with fsync)"]
+    first = "tensors" if group.startswith("count") else "model"
+    header = [first, "method", "save call", "call + fsync", f"{_rate_header(group)} (with fsync)",
+              "speedup vs nvidia (call / with fsync)"]
     return _table(header, rows)
 
 
-def restore_table(all_series: list[Series], skips: Skips) -> str:
+def restore_table(all_series: list[Series], skips: Skips, group: str = "restore") -> str:
+    """The restores of one axis: ``restore`` (by size) or ``count restore`` (by tensor count)."""
     rows = []
-    for s in _by(all_series, "restore"):
+    for s in _by(all_series, group):
         p = s["params"]
         if not s["samples"]:
             rows.append([p["size"], p["cache"], s["name"], skips.cite(s), "–", "–", "–"])
             continue
         summary = s["summary"]
         extra = summary["extra_rss_anon_bytes"]["max"]
+        weights = p.get("weight_bytes")
         rows.append([
             p["size"],
             p["cache"],
             s["name"],
             fmt_time(summary["seconds"]),
-            f"{summary['gb_per_s']:.2f}",
-            f"{extra / 1e6:,.0f} MB ({extra / p['weight_bytes']:.2f}×)",
+            _rate(s, summary["seconds"]["median"]),
+            f"{extra / 1e6:,.0f} MB ({extra / weights:.2f}×)" if weights else f"{extra / 1e6:,.1f} MB",
             _fmt_ratio(_speedup(all_series, s, libraries.REFERENCE_METHOD)),
         ])
-    header = ["model", "cache", "method", "restore", "GB/s", "peak extra RssAnon (× weights)", "speedup vs nvidia"]
+    first, memory = ("tensors", "peak extra RssAnon") if group.startswith("count") else (
+        "model", "peak extra RssAnon (× weights)")
+    header = [first, "cache", "method", "restore", _rate_header(group), memory, "speedup vs nvidia"]
     return _table(header, rows)
 
 
@@ -221,11 +246,29 @@ def markdown(run: dict[str, Any], all_series: list[Series]) -> str:
     m = run["machine"]
     skips = Skips()
     saves, restores, limits = (f(all_series, skips) for f in (save_table, restore_table, limits_table))
-    bookkeeping, headline = bookkeeping_table(all_series, skips)
-    imports = import_table(all_series, skips)
+    count_saves, count_restores = save_table(all_series, skips, "count save"), restore_table(
+        all_series, skips, "count restore")
+    axes = run.get("axes", ["sizes", "counts", "bookkeeping", "imports"])
+    bookkeeping, headline = bookkeeping_table(all_series, skips) if "bookkeeping" in axes else ("", "")
+    imports = import_table(all_series, skips) if "imports" in axes else ""
+    cap = run.get("nvidia_max_tensors")
+    count_note = (
+        "N tensors: N/2 `nn.Linear(4, 4)` layers in nested `nn.Sequential`s of at most 32 children; restores "
+        "with a warm page cache; µs per tensor = median time / N"
+        + (f"; nvidia-modelopt restores up to {cap:,} tensors" if cap else "") + ".\n\n"
+    )
     versions = ", ".join(
         f"{family} {hello.get('version') or '(unavailable)'}" for family, hello in run["libraries"].items()
     )
+    sections = [
+        ("## Checkpoints: save", saves),
+        ("## Checkpoints: restore", restores),
+        ("## Machine limits (same bytes, same folder)", limits),
+        ("## Tensor count: save", count_saves),
+        ("## Tensor count: restore", count_restores),
+        ("## Bookkeeping", bookkeeping),
+        ("## Import time (fresh interpreter)", imports),
+    ]
     parts = [
         f"# modelopt_c benchmarks ({run['settings']['mode']} run, {m['date_utc']})",
         f"{m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, Linux {m['kernel']}, Python {m['python']}, "
@@ -233,12 +276,9 @@ def markdown(run: dict[str, Any], all_series: list[Series]) -> str:
         f"Page cache for restores: {' and '.join(run['page_cache'])}. "
         f"Median [min–max] of {run['settings']['reps']} runs per checkpoint figure, each in a fresh process; "
         f"run took {run['wall_seconds']:.0f} s.",
-        headline,
-        "## Checkpoints: save\n\n" + saves,
-        "## Checkpoints: restore\n\n" + restores,
-        "## Machine limits (same bytes, same folder)\n\n" + limits,
-        "## Bookkeeping\n\n" + bookkeeping,
-        "## Import time (fresh interpreter)\n\n" + imports,
+        *([headline] if headline else []),
+        *(f"{title}\n\n{count_note if 'count' in title else ''}{table}"
+          for title, table in sections if table.count("\n|") > 1),  # a table with at least one row
     ]
     if skips.reasons:
         parts.append("## Skipped\n\n" + skips.markdown())
@@ -248,17 +288,19 @@ def markdown(run: dict[str, Any], all_series: list[Series]) -> str:
 
 
 def _points(all_series: list[Series], group: str, name: str, key: str, stat: str) -> list[tuple[float, float]]:
-    """(GB of fp32 weights, figure) of one method, warm cache, by size."""
+    """(x, figure) of one method, warm cache: x is GB of fp32 weights (size axis) or tensors (count axis)."""
     return sorted(
-        (s["params"]["weight_bytes"] / GB, s["summary"][key][stat])
+        (s["params"]["tensors"] if "tensors" in s["params"] else s["params"]["weight_bytes"] / GB,
+         s["summary"][key][stat])
         for s in all_series
         if s["group"] == group and s["name"] == name and s["samples"]
-        and s["params"]["dtype"] == "float32" and s["params"].get("cache") in (None, "warm")
+        and s["params"].get("dtype", "float32") == "float32" and s["params"].get("cache") in (None, "warm")
     )
 
 
 def plot(path: Path, all_series: list[Series]) -> str | None:
-    """Save time, restore time and restore memory against model size; why not, if not written."""
+    """Save time, restore time and restore memory against model size, and against tensor count
+    when the run measured it (a second row, log-log); why not, if not written."""
     try:
         import matplotlib
 
@@ -272,21 +314,33 @@ def plot(path: Path, all_series: list[Series]) -> str | None:
         ("restore", "seconds", "median", 1, "restore, warm page cache (s, median)", "read"),
         ("restore", "extra_rss_anon_bytes", "max", 1 / GB, "restore: peak extra RssAnon (GB)", None),
     )
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    for ax, (group, key, stat, scale, title, limit) in zip(axes, panels):
-        for i, method in enumerate(libraries.METHODS):
-            points = _points(all_series, group, method.name, key, stat)
+    # (group prefix, x label, log axes) per row: the rows the run has samples for
+    rows = [row for row in (("", "fp32 weights (GB)", False), ("count ", "tensors", True))
+            if any(s["group"] == row[0] + "save" and s["samples"] for s in all_series)]
+    if not rows:
+        return "no checkpoint figures: results.png not written"
+    fig, grid = plt.subplots(len(rows), 3, figsize=(18, 5.5 * len(rows)), squeeze=False)
+    for (prefix, xlabel, log), axes in zip(rows, grid):
+        for ax, (group, key, stat, scale, title, limit) in zip(axes, panels):
+            if prefix and scale != 1:  # a few MB of tensors: memory in MB
+                scale, title = scale * GB / 1e6, title.replace("(GB)", "(MB)")
+            for i, method in enumerate(libraries.METHODS):
+                points = _points(all_series, prefix + group, method.name, key, stat)
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, [y * scale for y in ys], marker="osD^vPX"[i % 7], color=f"C{i}", alpha=0.85,
+                            label=method.name)
+            points = _points(all_series, "limit", limit, "seconds", "median") if limit and not prefix else []
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, [y * scale for y in ys], marker="osD^vP"[i], color=f"C{i}", alpha=0.85, label=method.name)
-        points = _points(all_series, "limit", limit, "seconds", "median") if limit else []
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, linestyle="--", color="black", label="machine: " + LIMIT_NAMES[limit])
-        ax.set_title(title)
-        ax.set_xlabel("fp32 weights (GB)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+                ax.plot(xs, ys, linestyle="--", color="black", label="machine: " + LIMIT_NAMES[limit])
+            ax.set_title(("by tensor count: " if prefix else "") + title)
+            ax.set_xlabel(xlabel)
+            if log:
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

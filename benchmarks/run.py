@@ -1,6 +1,8 @@
 """Side-by-side benchmarks of modelopt_c, nvidia-modelopt, torch and safetensors.
 
-    python benchmarks/run.py [--quick | --full] [--out DIR] [--scratch DIR]
+    python benchmarks/run.py [--quick | --full] [--axes sizes,counts,bookkeeping,imports]
+                             [--counts 1000,10000] [--nvidia-max-tensors N] [--reps N]
+                             [--out DIR] [--scratch DIR]
 
 Writes ``results.json``, ``results.md`` and ``results.png`` to ``--out``
 (default ``benchmarks/out``), prints the Markdown tables on stdout and progress
@@ -25,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +59,11 @@ class Settings:
     bookkeeping_reps: int
     import_reps: int
     cold: bool  # also restore with the page cache dropped, where the machine allows it
+    counts: tuple[int, ...]  # the tensor-count axis: models of this many small tensors
 
 
-# about a minute and a half on 2 cores: one checkpoint size, the headline bookkeeping size
-QUICK = Settings("quick", ((0.25, "float32"),), 3, (20000,), 3, 2, cold=False)
+# about five minutes on 2 cores: one checkpoint size, 1k and 10k tensors, the headline bookkeeping size
+QUICK = Settings("quick", ((0.25, "float32"),), 3, (20000,), 3, 2, cold=False, counts=(1000, 10000))
 FULL = Settings(
     "full",
     ((0.1, "float32"), (0.5, "float32"), (1.0, "float32"), (2.0, "float32"), (1.0, "bfloat16")),
@@ -69,7 +72,13 @@ FULL = Settings(
     5,
     10,
     cold=True,
+    counts=(1000, 10000, 50000, 100000),
 )
+AXES = ("sizes", "counts", "bookkeeping", "imports")
+# the tensor-count axis: N/2 nn.Linear(COUNT_HIDDEN, COUNT_HIDDEN) layers hold N tensors, nested
+# COUNT_FANOUT to a level (models.build_stack): torch's load_state_dict is quadratic in a module's children
+COUNT_HIDDEN = 4
+COUNT_FANOUT = 32
 IMPORTS = {"modelopt_c": "modelopt_c", "nvidia-modelopt": "modelopt.torch.opt"}
 
 
@@ -113,8 +122,9 @@ def _outcome(result: dict[str, Any]) -> str:
 class Bench:
     """One run: its settings, the zygotes, the results so far and the progress stream."""
 
-    def __init__(self, settings: Settings, scratch: Path, caches: list[str]) -> None:
+    def __init__(self, settings: Settings, scratch: Path, caches: list[str], nvidia_max_tensors: int | None) -> None:
         self.settings = settings
+        self.nvidia_max_tensors = nvidia_max_tensors
         self.scratch = scratch
         self.caches = caches
         self.results = Results()
@@ -144,23 +154,51 @@ class Bench:
             folder.mkdir()
             base = {"layers": layers, "hidden": HIDDEN, "dtype": dtype, "log": str(folder / "task.log")}
             limits = {**base, "bytes": weight_bytes, "path": str(folder / "limit.bin")}
-            self._saves(params, folder, base, limits)
+            self._saves("save", params, folder, base, limits)
             for cache in self.caches:
-                self._restores({**params, "cache": cache}, folder, base, limits)
+                self._restores("restore", {**params, "cache": cache}, folder, base, limits)
             shutil.rmtree(folder)
 
-    def _saves(self, params: dict[str, Any], folder: Path, base: dict[str, Any], limits: dict[str, Any]) -> None:
-        jobs: list[CheckpointMethod | str] = [*libraries.SAVE_METHODS, "write", "memcpy"]
+    def counts(self) -> None:
+        """The tensor-count axis: saves and restores of N small tensors, count by count.
+
+        The same stack as the size axis, of ``nn.Linear(4, 4)`` layers nested 32 to a level:
+        per-tensor costs, not bytes, decide the time.  Warm page cache only; no machine
+        limits (a few MB).  nvidia-modelopt's restores above ``nvidia_max_tensors`` (when
+        given) are recorded as skipped.
+        """
+        for count in self.settings.counts:
+            layers = count // 2  # _counts: even, at least 2
+            params = {"size": f"{2 * layers:,}", "tensors": 2 * layers, "layers": layers}
+            folder = self.scratch / f"{2 * layers}_tensors"
+            folder.mkdir()
+            base = {"layers": layers, "hidden": COUNT_HIDDEN, "dtype": "float32", "fanout": COUNT_FANOUT,
+                    "log": str(folder / "task.log")}
+            restore_params = {**params, "cache": "warm"}
+            if self.nvidia_max_tensors is not None and 2 * layers > self.nvidia_max_tensors:
+                why = f"nvidia-modelopt restores run up to {self.nvidia_max_tensors:,} tensors (--nvidia-max-tensors)"
+                self.results.add("count restore", restore_params, libraries.REFERENCE_METHOD, {"ok": False, "error": why})
+                self.say(f"count restore {params['size']} warm  {libraries.REFERENCE_METHOD}: skipped: {why}")
+            self._saves("count save", params, folder, base, None)
+            self._restores("count restore", restore_params, folder, base, None)
+            shutil.rmtree(folder)
+
+    def _saves(self, group: str, params: dict[str, Any], folder: Path, base: dict[str, Any],
+               limits: dict[str, Any] | None) -> None:
+        """Every save method (and, given ``limits``, the machine's write and memcpy), interleaved."""
+        jobs: list[CheckpointMethod | str] = [*libraries.SAVE_METHODS, *(["write", "memcpy"] if limits else [])]
         for rep in range(self.settings.reps):
             for job in rotated(jobs, rep):
                 if isinstance(job, str):
                     self._task("baseline", "limit", params, job, {**limits, "kind": job}, rep)
                 else:
                     task = {**base, "kind": "save", "method": job.name, "path": str(folder / job.file)}
-                    self._task(job.family, "save", params, job.name, task, rep)
+                    self._task(job.family, group, params, job.name, task, rep)
 
-    def _restores(self, params: dict[str, Any], folder: Path, base: dict[str, Any], limits: dict[str, Any]) -> None:
-        jobs: list[CheckpointMethod | str] = [*libraries.METHODS, "read"]
+    def _restores(self, group: str, params: dict[str, Any], folder: Path, base: dict[str, Any],
+                  limits: dict[str, Any] | None) -> None:
+        """Every restore method (and, given ``limits``, the machine's read), interleaved."""
+        jobs: list[CheckpointMethod | str] = [*libraries.METHODS, *(["read"] if limits else [])]
         for rep in range(self.settings.reps):
             for job in rotated(jobs, rep):
                 if isinstance(job, str):
@@ -168,10 +206,10 @@ class Bench:
                     continue
                 path = folder / job.file
                 if self.zygotes[job.family].ready and not path.exists():
-                    self.results.add("restore", params, job.name, {"ok": False, "error": "no checkpoint: its save failed"})
+                    self.results.add(group, params, job.name, {"ok": False, "error": "no checkpoint: its save failed"})
                     continue
                 task = {**base, "kind": "restore", "method": job.name, "path": str(path), "cache": params["cache"]}
-                self._task(job.family, "restore", params, job.name, task, rep)
+                self._task(job.family, group, params, job.name, task, rep)
 
     def bookkeeping(self) -> None:
         """The state bookkeeping calls on models with many modules, in both modelopt libraries."""
@@ -262,15 +300,51 @@ def _filesystem(path: Path) -> str:
     return f"{device} ({fstype}) on {where}"
 
 
+def _axes(text: str) -> tuple[str, ...]:
+    """``--axes``: a comma-separated subset of AXES, in AXES order."""
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = sorted(names - set(AXES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown axis {', '.join(unknown) or '(none given)'}: choose from {', '.join(AXES)}")
+    return tuple(axis for axis in AXES if axis in names)
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """``--counts``: comma-separated tensor counts, even and at least 2 (the layers hold a weight and a bias each)."""
+    try:
+        counts = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give tensor counts as integers, e.g. 1000,10000") from None
+    if any(c < 2 or c % 2 for c in counts) or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: every count must be even, at least 2, and given once")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--quick", action="store_const", dest="settings", const=QUICK, help="0.25 GB, 20k modules, warm cache (default; ~1.5 min)")
-    which.add_argument("--full", action="store_const", dest="settings", const=FULL, help="0.1 to 2 GB and bf16, 1k-100k modules, warm and cold cache (~20 min)")
+    which.add_argument("--quick", action="store_const", dest="settings", const=QUICK, help="0.25 GB, 1k and 10k tensors, 20k modules, warm cache (default; ~5 min)")
+    which.add_argument("--full", action="store_const", dest="settings", const=FULL, help="0.1 to 2 GB and bf16, 1k-100k tensors, 1k-100k modules, warm and cold cache (~65 min)")
+    parser.add_argument("--axes", type=_axes, default=AXES, metavar="LIST",
+                        help=f"what to measure, comma-separated, from {','.join(AXES)} (default: all)")
+    parser.add_argument("--counts", type=_counts, metavar="LIST",
+                        help="tensor counts of the count axis, comma-separated (default: quick 1000,10000; "
+                        "full 1000,10000,50000,100000)")
+    parser.add_argument("--nvidia-max-tensors", type=int, metavar="N",
+                        help="largest tensor count nvidia-modelopt restores at (default: every count; "
+                        "its restore takes ~15 s at 50k tensors here)")
+    parser.add_argument("--reps", type=int, metavar="N",
+                        help="repetitions per checkpoint figure (default: quick 3, full 5)")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="where results go (default: benchmarks/out)")
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()), help="where checkpoint files go")
     args = parser.parse_args(argv)
     settings = args.settings or QUICK
+    if args.counts:
+        settings = replace(settings, counts=args.counts)
+    if args.reps is not None:
+        if args.reps < 1:
+            parser.error(f"argument --reps: {args.reps}: give at least 1")
+        settings = replace(settings, reps=args.reps)
 
     notes: list[str] = []
     caches = ["warm"]
@@ -281,22 +355,29 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"cold-cache restores not measured: {measure.DROP_CACHES} is not writable")
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="modelopt_c_bench_", dir=args.scratch))
-    bench = Bench(settings, scratch, caches)
-    bench.say(f"{settings.mode} run; checkpoints in {scratch}; page cache: {', '.join(caches)}")
+    bench = Bench(settings, scratch, caches, args.nvidia_max_tensors)
+    bench.say(f"{settings.mode} run of {', '.join(args.axes)}; checkpoints in {scratch}; page cache: {', '.join(caches)}")
     try:
         for family, zygote in bench.zygotes.items():
             hello = zygote.hello
             bench.say(f"{family}: " + (f"ready ({hello['version']})" if zygote.ready else f"unavailable: {hello['error']}"))
             notes += [f"{family}: {note}" for note in hello.get("notes", [])]
-        bench.checkpoints()
-        bench.bookkeeping()
+        if "sizes" in args.axes:
+            bench.checkpoints()
+        if "counts" in args.axes:
+            bench.counts()
+        if "bookkeeping" in args.axes:
+            bench.bookkeeping()
     finally:
         bench.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    bench.imports()
+    if "imports" in args.axes:
+        bench.imports()
 
     run_info = {
         "settings": asdict(settings),
+        "axes": list(args.axes),
+        "nvidia_max_tensors": args.nvidia_max_tensors,
         "page_cache": caches,
         "machine": machine_info(args.scratch),
         "libraries": {family: zygote.hello for family, zygote in bench.zygotes.items()},

@@ -23,7 +23,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _stack(task: dict[str, Any], filled: bool) -> torch.nn.Module:
-    return models.build_stack(task["layers"], task["hidden"], DTYPES[task["dtype"]], filled)
+    return models.build_stack(task["layers"], task["hidden"], DTYPES[task["dtype"]], filled, task.get("fanout"))
 
 
 def _warm_up(method: CheckpointMethod, library: Library) -> None:

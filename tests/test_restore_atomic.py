@@ -204,6 +204,46 @@ def test_state_dict_set_on_the_instance_or_patched_later_is_not_the_fast_path(tm
     assert torch.equal(live, torch.zeros(4)) and torch.equal(model.fc.weight, src.fc.weight)
 
 
+_HOOKS = {  # how a module gets each kind of instance hook, and whether it touches the loading side
+    "state_dict post-hook": (lambda m: m._register_state_dict_hook(lambda *a: None), False),
+    "state_dict pre-hook": (lambda m: m.register_state_dict_pre_hook(lambda *a: None), False),
+    "load pre-hook": (lambda m: m._register_load_state_dict_pre_hook(lambda *a: None), True),
+    "load post-hook": (lambda m: m.register_load_state_dict_post_hook(lambda *a: None), True),
+}
+
+
+@pytest.mark.parametrize("hook", sorted(_HOOKS))
+def test_an_instance_hook_takes_its_module_off_the_fast_path_until_removed(hook):
+    from modelopt_c._runtime import _live_targets, _own_loading
+
+    register, loading_side = _HOOKS[hook]
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
+    inner = model[1][0]
+    assert _own_loading(inner) == (False, False) and _live_targets(model)[1:] == (True, True)
+    handle = register(inner)
+    assert _own_loading(inner) == ((not loading_side), loading_side)
+    assert _own_loading(inner, {}) == _own_loading(inner)  # a per-walk class cache gives the same answer
+    assert _live_targets(model)[1:] == (False, not loading_side)
+    assert _own_loading(model[0]) == (False, False)  # its sibling stays plain
+    handle.remove()  # the hook table stays, empty: plain again
+    assert _own_loading(inner) == (False, False) and _live_targets(model)[1:] == (True, True)
+
+
+@pytest.mark.parametrize("name", ["state_dict", "_save_to_state_dict", "load_state_dict", "_load_from_state_dict",
+                                  "get_extra_state", "set_extra_state"])
+def test_a_method_set_on_the_instance_takes_its_module_off_the_fast_path(name):
+    from modelopt_c._runtime import _live_targets, _own_loading
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    setattr(model[1], name, lambda *a, **k: None)
+    loading_side = name not in ("state_dict", "_save_to_state_dict")
+    assert _own_loading(model[1]) == ((not loading_side), loading_side)
+    assert _live_targets(model)[1:] == (False, not loading_side)
+    assert _own_loading(model[0]) == (False, False)
+    delattr(model[1], name)
+    assert _own_loading(model[1]) == (False, False) and _live_targets(model)[1:] == (True, True)
+
+
 def test_hooked_model_is_still_checked_before_anything_is_copied(tmp_path):
     src = WithAmax()
     sd = src.state_dict()
