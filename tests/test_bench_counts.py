@@ -72,6 +72,7 @@ def _run_info(axes):
 
 
 def test_report_count_tables(tmp_path):
+    pytest.importorskip("matplotlib")  # the plot (and without it, a note saying so); not in the torch-matrix venvs
     nvidia, ours = "nvidia-modelopt mto.save/restore", "modelopt_c torch format"
     rss = {"rss_anon": {"extra_peak": 2_500_000}}
     series = [
