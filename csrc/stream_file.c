@@ -44,7 +44,7 @@ sf_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (direct < 0) {
         return NULL;
     }
-    if (chunk <= 0 || chunk % 4096 != 0 || chunk > (1 << 30)) {
+    if (chunk <= 0 || chunk % STREAM_SINK_ALIGN != 0 || chunk > (1 << 30)) {
         PyErr_SetString(PyExc_ValueError, "StreamFile: chunk must be a positive multiple of 4096, at most 2**30");
         return NULL;
     }

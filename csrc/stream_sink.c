@@ -20,18 +20,8 @@ typedef unsigned long uLong;
 extern uLong crc32_z(uLong crc, const unsigned char *buf, size_t len);
 #endif
 
-#define DIRECT_ALIGN 4096
-
-/* pwrite all of [data, data + n) at `off`; 0 or -1 with errno. */
-static int
-pwrite_all(int fd, const unsigned char *data, size_t n, uint64_t off)
-{
-    off_t pos = (off_t)off;
-    return sft_write_all(fd, (const char *)data, n, &pos);
-}
-
 /* Write one buffer: with O_DIRECT while the file system takes it (the length and
- * offset are multiples of DIRECT_ALIGN here), else through the page cache.  A
+ * offset are multiples of STREAM_SINK_ALIGN here), else through the page cache.  A
  * direct write refused as a whole (EINVAL: the file system has no O_DIRECT, or
  * wants another alignment) turns direct I/O off for the rest of the file; a short
  * direct write is finished through the page cache. */
@@ -62,11 +52,12 @@ write_buffer(StreamSink *s, const unsigned char *data, size_t n, uint64_t off)
         data += w;
         n -= (size_t)w;
         off += (uint64_t)w;
-        if (n % DIRECT_ALIGN != 0) {
+        if (n % STREAM_SINK_ALIGN != 0) {
             break; /* a short write left an unaligned rest */
         }
     }
-    return pwrite_all(s->fd, data, n, off);
+    off_t pos = (off_t)off;
+    return sft_write_all(s->fd, (const char *)data, n, &pos);
 }
 
 static void *
@@ -105,7 +96,7 @@ stream_sink_open(StreamSink *s, const char *path, size_t cap, int direct)
 {
     memset(s, 0, sizeof(*s));
     s->fd = s->dfd = -1;
-    if (cap == 0 || cap % DIRECT_ALIGN != 0) {
+    if (cap == 0 || cap % STREAM_SINK_ALIGN != 0) {
         errno = EINVAL;
         return -1;
     }
@@ -119,9 +110,8 @@ stream_sink_open(StreamSink *s, const char *path, size_t cap, int direct)
         return -1;
     }
     s->cap = cap; /* from here on, stream_sink_close undoes what was done */
-    s->thread_started = -1; /* mu and cv exist: close destroys them */
     for (int i = 0; i < 2; i++) {
-        int rc = posix_memalign((void **)&s->buf[i], DIRECT_ALIGN, cap);
+        int rc = posix_memalign((void **)&s->buf[i], STREAM_SINK_ALIGN, cap);
         if (rc != 0) {
             s->buf[i] = NULL;
             stream_sink_close(s);
@@ -144,7 +134,7 @@ stream_sink_open(StreamSink *s, const char *path, size_t cap, int direct)
         errno = rc;
         return -1;
     }
-    s->thread_started = 1;
+    s->running = 1;
     return 0;
 }
 
@@ -181,7 +171,7 @@ stream_sink_write(StreamSink *s, const void *data, size_t n, uint32_t *crc)
 {
     const unsigned char *p = data;
     uLong c = crc != NULL ? *crc : 0;
-    if (s->thread_started != 1) {
+    if (!s->running) {
         errno = EBADF;
         return -1;
     }
@@ -225,7 +215,7 @@ stream_sink_is_direct(const StreamSink *s)
 static void
 stop_thread(StreamSink *s)
 {
-    if (s->thread_started != 1) {
+    if (!s->running) {
         return;
     }
     pthread_mutex_lock(&s->mu);
@@ -233,13 +223,13 @@ stop_thread(StreamSink *s)
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
     pthread_join(s->thread, NULL);
-    s->thread_started = -1;
+    s->running = 0;
 }
 
 int
 stream_sink_finish(StreamSink *s)
 {
-    if (s->thread_started != 1) {
+    if (!s->running) {
         errno = EBADF;
         return -1;
     }
@@ -250,7 +240,7 @@ stream_sink_finish(StreamSink *s)
     }
     uint64_t end = s->base + s->fill;
     if (s->fill > 0) {
-        size_t padded = (s->fill + DIRECT_ALIGN - 1) / DIRECT_ALIGN * DIRECT_ALIGN;
+        size_t padded = (s->fill + STREAM_SINK_ALIGN - 1) / STREAM_SINK_ALIGN * STREAM_SINK_ALIGN;
         memset(s->buf[s->cur] + s->fill, 0, padded - s->fill);
         /* the tail, padded to the direct-I/O block, then cut back to its length */
         if (write_buffer(s, s->buf[s->cur], s->dfd >= 0 ? padded : s->fill, s->base) < 0) {
@@ -287,11 +277,8 @@ stream_sink_close(StreamSink *s)
         free(s->buf[i]);
         s->buf[i] = NULL;
     }
-    if (s->thread_started != 0) {
-        pthread_cond_destroy(&s->cv);
-        pthread_mutex_destroy(&s->mu);
-        s->thread_started = 0;
-    }
+    pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->mu);
     s->cap = 0;
 }
 

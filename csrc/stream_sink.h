@@ -15,17 +15,20 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Buffer sizes, file offsets and lengths of direct writes are multiples of this. */
+#define STREAM_SINK_ALIGN 4096
+
 typedef struct {
     int fd;                   /* the file, opened by the sink */
     int dfd;                  /* the same file opened with O_DIRECT, or -1 */
     unsigned char *buf[2];    /* `cap` bytes each, aligned for O_DIRECT */
-    size_t cap;
+    size_t cap;               /* 0: not open (mu and cv exist while it is not 0) */
     int cur;                  /* the buffer being filled */
     size_t fill;              /* bytes in it */
     uint64_t base;            /* file offset of buf[cur][0] */
     /* shared with the writer thread, under mu */
     pthread_t thread;
-    int thread_started;
+    int running;              /* the writer thread runs: until finish or close */
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int pending;              /* a buffer is handed over and not yet written */
@@ -37,7 +40,7 @@ typedef struct {
 } StreamSink;
 
 /* Open `path` for writing (created 0666 & ~umask, truncated) with buffers of `cap`
- * bytes (a multiple of 4096); `direct`: try O_DIRECT.  0, or -1 with errno and
+ * bytes (a multiple of STREAM_SINK_ALIGN); `direct`: try O_DIRECT.  0, or -1 with errno and
  * nothing left open. */
 int stream_sink_open(StreamSink *s, const char *path, size_t cap, int direct);
 
