@@ -466,6 +466,11 @@ _DESCRIPTOR = struct.Struct("<IIII")
 _DESCRIPTOR64 = struct.Struct("<IIQQ")
 
 
+def _field32(value: int) -> int:
+    """What a 32-bit size or offset field holds for ``value``: itself, or the zip64 mark."""
+    return _MARK if value >= _ZIP64_AT else value
+
+
 class _ZipWriter:
     """The zip file object ``torch.serialization._save`` writes its records to.
 
@@ -488,7 +493,7 @@ class _ZipWriter:
         zip64 = struct.pack("<HHQQ", 1, 16, 0, 0) if big else b""
         fixed = offset + _LOCAL.size + len(full) + len(zip64) + 4
         pad = -fixed % _ALIGN
-        sizes = _MARK if big else 0
+        sizes = _MARK if big else 0  # in the descriptor; the mark says "see the zip64 field" here
         self.sink.write(
             _LOCAL.pack(0x04034B50, 45 if big else 20, _FLAGS, 0, 0, 0, 0, sizes, sizes, len(full), len(zip64) + 4 + pad)
             + full + zip64 + struct.pack("<HH", 0x4246, pad) + bytes(pad)
@@ -502,10 +507,7 @@ class _ZipWriter:
             if view.nbytes != nbytes:
                 raise ValueError(f"record {name!r}: {view.nbytes} bytes, announced as {nbytes}")
             crc = self.sink.write(view)
-        if big:
-            self.sink.write(_DESCRIPTOR64.pack(0x08074B50, crc, nbytes, nbytes))
-        else:
-            self.sink.write(_DESCRIPTOR.pack(0x08074B50, crc, nbytes, nbytes))
+        self.sink.write((_DESCRIPTOR64 if big else _DESCRIPTOR).pack(0x08074B50, crc, nbytes, nbytes))
         self.entries.append((full, offset, nbytes, crc))
 
     def write_record_metadata(self, name: str, nbytes: int) -> None:
@@ -524,19 +526,18 @@ class _ZipWriter:
         for full, offset, nbytes, crc in self.entries:
             values = [v for v in (nbytes, nbytes, offset) if v >= _ZIP64_AT]
             extra = struct.pack(f"<HH{len(values)}Q", 1, 8 * len(values), *values) if values else b""
-            size32 = _MARK if nbytes >= _ZIP64_AT else nbytes
             version = 45 if values else 20
             directory.append(
-                _CDIR.pack(0x02014B50, version, version, _FLAGS, 0, 0, 0, crc, size32, size32, len(full), len(extra), 0,
-                           0, 0, 0, _MARK if offset >= _ZIP64_AT else offset)
+                _CDIR.pack(0x02014B50, version, version, _FLAGS, 0, 0, 0, crc, _field32(nbytes), _field32(nbytes),
+                           len(full), len(extra), 0, 0, 0, 0, _field32(offset))
                 + full + extra
             )
         body = b"".join(directory)
         end, count = start + len(body), len(self.entries)
         tail = _EOCD64.pack(0x06064B50, _EOCD64.size - 12, 45, 45, 0, 0, count, count, len(body), start)
         tail += _EOCD64_LOC.pack(0x07064B50, 0, end, 1)
-        tail += _EOCD.pack(0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF), min(len(body), _MARK),
-                           _MARK if start >= _ZIP64_AT else start, 0)
+        tail += _EOCD.pack(0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF), _field32(len(body)),
+                           _field32(start), 0)
         self.sink.write(body + tail)
 
 
