@@ -131,6 +131,16 @@ def test_buffered_and_direct_writes_give_the_same_file(tmp_path, monkeypatch):
     assert records(tmp_path / "a.pt") == records(tmp_path / "b.pt")
 
 
+def test_the_writer_option_of_the_native_save(tmp_path):
+    seen = []
+    _conversion._save_torch_file(tmp_path / "w.pt", {"x": 1}, _writer=lambda obj, temp: seen.append((obj, temp)))
+    assert seen[0][0] == {"x": 1} and os.path.basename(seen[0][1]).startswith(".w.pt.tmp-")
+    assert (tmp_path / "w.pt").read_bytes() == b""  # what the writer wrote: nothing
+    with pytest.raises(TypeError, match="^_save_torch_file: _writer must be callable or None, not int$"):
+        _conversion._save_torch_file(tmp_path / "v.pt", {"x": 1}, _writer=3)
+    assert os.listdir(tmp_path) == ["w.pt"]  # nothing written, no temp file left
+
+
 def test_torch_save_options_and_skip_data_go_to_torch_save(tmp_path):
     t = torch.arange(4.0)
     checkpoint.save_torch_file(tmp_path / "p.pt", {"t": t}, pickle_protocol=4)
