@@ -26,16 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(HERE, "dropin_scripts")
 FLOWS = os.path.join(SCRIPTS, "flows.py")
 ROOT = os.path.dirname(HERE)
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    return type(a) is type(b) and a == b
+sys.path.insert(0, SCRIPTS)
+from nested_equal import same  # noqa: E402  (flows.py's own check)
 
 
 def _env() -> dict[str, str]:
@@ -100,9 +92,9 @@ def test_same_states_and_bit_identical_outputs(runs):
     assert runs["nvidia"]["flows"] == runs["switched"]["flows"] == ["custom", "int8", "sparse"]
     assert runs["no_nvidia"]["flows"] == ["custom"]
     for name in runs["nvidia"]["flows"]:
-        assert _same(nv["states"][name], sw["states"][name]), name
+        assert same(nv["states"][name], sw["states"][name]), name
         assert torch.equal(nv["outputs"][name], sw["outputs"][name]), name
-    assert _same(nv["states"]["custom"], bare["states"]["custom"])
+    assert same(nv["states"]["custom"], bare["states"]["custom"])
     assert torch.equal(nv["outputs"]["custom"], bare["outputs"]["custom"])
     modes = [m for m, _ in nv["states"]["int8"]["modelopt_state_dict"]]
     assert modes == ["quantize", "max_calibrate"]
@@ -120,4 +112,4 @@ def test_files_hold_the_same_checkpoint(runs):
     for name in runs["nvidia"]["flows"]:
         a = torch.load(os.path.join(runs["nvidia"]["folder"], name + ".pt"), weights_only=False)
         b = torch.load(os.path.join(runs["switched"]["folder"], name + ".pt"), weights_only=False)
-        assert _same(a, b), name
+        assert same(a, b), name

@@ -18,6 +18,9 @@ import time
 import torch
 import torch.nn as nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # however this script is run
+from nested_equal import same  # noqa: E402
+
 import modelopt.torch.opt as mto
 from modelopt.torch.opt.config import ModeloptBaseConfig, ModeloptField
 from modelopt.torch.opt.conversion import ModeloptStateManager, apply_mode, get_mode
@@ -87,17 +90,6 @@ class ScaleMode(ModeDescriptor):
     @property
     def restore(self):
         return _restore
-
-
-def same(a, b):
-    """Equality of nested states with tensors (exact, dtype and shape included)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
-    return type(a) is type(b) and a == b
 
 
 def net():
